@@ -1,0 +1,38 @@
+"""The few exception types the tool raises on purpose.
+
+Each carries a one-line message and, where useful, a hint on what to do. The CLI prints
+``error: <message> (<hint>)`` on one line and exits 2; a parity breach exits 1.
+"""
+
+from __future__ import annotations
+
+
+class UlsamError(Exception):
+    """A user-facing error: bad input, not a bug."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        text = self.message if not self.hint else f"{self.message} ({self.hint})"
+        return " ".join(text.split())
+
+
+class SpecError(UlsamError):
+    """A model specification (arch, positions, groups, sizes) that cannot be built."""
+
+
+class InputFileError(UlsamError):
+    """A file or folder given by the user is missing, unreadable, corrupt or of the wrong kind."""
+
+
+class BackendUnavailable(UlsamError):
+    """An optional backend is not installed or has no hardware to run on."""
+
+
+class StaleArtifactError(UlsamError):
+    """An artifact or manifest disagrees with what it claims to be built from."""

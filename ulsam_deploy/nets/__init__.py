@@ -1,0 +1,7 @@
+"""Networks: ULSAM, MobileNet-V1/V2, and checkpoints."""
+
+from .backbones import MobileNet
+from .build import build_model, load_checkpoint, load_model, save_checkpoint
+from .ulsam import ULSAM
+
+__all__ = ["MobileNet", "ULSAM", "build_model", "load_checkpoint", "load_model", "save_checkpoint"]

@@ -1,0 +1,63 @@
+"""Render result dataclasses: a Rich table on a terminal, JSON under --json. Library code never prints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Any, Iterable
+
+from rich.console import Console
+from rich.table import Table
+
+# Off a terminal (pipes, CI logs) Rich would assume 80 columns and truncate; give tables room.
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return obj.item()
+    return obj
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(to_jsonable(obj), indent=2))
+
+
+def millions(value: float) -> str:
+    return f"{value / 1e6:,.3f}M"
+
+
+def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]], caption: str | None = None) -> Table:
+    out = Table(title=title, caption=caption, header_style="bold")
+    for name in columns:
+        out.add_column(name, justify="left" if name in ("layer", "type", "model", "positions", "artifact",
+                                                        "backend", "metric", "status") else "right")
+    for row in rows:
+        out.add_row(*[str(cell) for cell in row])
+    return out
+
+
+def profile_table(prof) -> Table:
+    rows = [(r.layer, r.type, "x".join(map(str, r.output_shape)), f"{r.params:,}", f"{r.macs:,}") for r in prof.layers]
+    rows.append(("total", "direct count", "", f"{prof.params:,}", f"{prof.macs:,}"))
+    rows.append(("total", f"paper convention ({prof.paper_base} base)", "",
+                 f"{round(prof.paper_params):,}", f"{round(prof.paper_macs):,}"))
+    title = (f"{prof.arch.upper()} width {prof.width:g}, ULSAM at [{prof.positions or '-'}] g={prof.groups}, "
+             f"{prof.num_classes} classes, {prof.input_size}x{prof.input_size}")
+    return table(title, ("layer", "type", "output", "params", "MACs"), rows)
+
+
+def paper_table(checks) -> Table:
+    rows = [(c.table, c.model, c.positions, c.metric, millions(c.paper), millions(c.ours),
+             f"{c.rel_error * 100:+.2f}%", "ok" if c.within else "OUT") for c in checks]
+    inside = sum(c.within for c in checks)
+    return table("Paper tables vs our count (paper convention)",
+                 ("table", "model", "positions", "metric", "paper", "ours", "error", "status"), rows,
+                 caption=f"{inside} of {len(checks)} within 1 %")
