@@ -14,6 +14,19 @@ from rich.table import Table
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
+def log(message: str) -> None:
+    """A status line on stderr (never mixed into --json output on stdout)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def progress():
+    """A transient progress bar on stderr (hidden when stderr is not a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=True, disable=not sys.stderr.isatty())
+
+
 def to_jsonable(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {k: to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
@@ -61,3 +74,28 @@ def paper_table(checks) -> Table:
     return table("Paper tables vs our count (paper convention)",
                  ("table", "model", "positions", "metric", "paper", "ours", "error", "status"), rows,
                  caption=f"{inside} of {len(checks)} within 1 %")
+
+
+def export_table(result) -> Table:
+    rows = [(a.format, a.file, a.precision, a.backend, f"{a.size_mb:.2f}", f"{a.seconds:.1f}", a.status)
+            for a in result.artifacts]
+    calib = result.calibration
+    caption = f"total {result.seconds:.1f} s" + (f"; calibration: {calib['source']}, {calib['count']} samples, "
+                                                 f"{calib['method']}" if calib else "")
+    return table(f"Export of {result.model} -> {result.directory}",
+                 ("format", "file", "precision", "backend", "MB", "seconds", "status"), rows, caption=caption)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def parity_table(results, directory: str) -> Table:
+    rows = [(r.artifact, r.backend, r.precision, _pct(r.top1_agreement), _pct(r.top5_agreement),
+             _pct(r.accuracy), "-" if r.accuracy_delta is None else f"{r.accuracy_delta:+.2f}",
+             f"{r.cosine_mean:.6f}", f"{r.cosine_min:.6f}", f"{r.max_abs:.2e}", f"{r.mean_abs:.2e}",
+             "pass" if r.passed else "FAIL: " + "; ".join(r.breaches)) for r in results]
+    data = results[0].data + f" ({results[0].count} images)" if results else ""
+    return table(f"Parity vs eager fp32 - {directory} - {data}",
+                 ("artifact", "backend", "precision", "top-1 agr %", "top-5 agr %", "acc %", "acc delta",
+                  "cos mean", "cos min", "max abs", "mean abs", "status"), rows)

@@ -1,0 +1,1 @@
+"""CLI command functions; cli.py registers them on the Typer app."""

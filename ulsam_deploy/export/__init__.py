@@ -1,0 +1,78 @@
+"""Artifact producers. The format table maps each user-facing format name to its file, precision
+and the backend that runs it; producers are imported only when their format is asked for."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+
+from ..errors import UlsamError
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    filename: str
+    precision: str
+    backend: str
+    needs: tuple[str, ...] = ()     # formats that must exist first
+    calibrated: bool = False
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("onnx", "model.onnx", "fp32", "onnxruntime"),
+    Format("onnx-int8", "model.int8.onnx", "int8", "onnxruntime", ("onnx",), calibrated=True),
+    Format("tflite-fp32", "model_fp32.tflite", "fp32", "litert", ("onnx",)),
+    Format("tflite-fp16", "model_fp16.tflite", "fp16", "litert", ("onnx",)),
+    Format("tflite-int8", "model_int8.tflite", "int8", "litert", ("onnx",), calibrated=True),
+    Format("trt-fp16", "model_fp16.engine", "fp16", "tensorrt", ("onnx",)),
+    Format("trt-int8", "model_int8.engine", "int8", "tensorrt", ("onnx-int8",), calibrated=True),
+)}
+CPU_FORMATS = ("onnx", "onnx-int8", "tflite-fp32", "tflite-fp16", "tflite-int8")
+DEFAULT_FORMATS = ("onnx", "onnx-int8")
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """``"onnx,tflite-int8"`` -> ordered tuple with dependencies first; ``all``/``cpu`` expand."""
+    names: list[str] = []
+    for raw in text.split(","):
+        token = raw.strip().lower()
+        if not token:
+            raise UlsamError(f"empty format in {text!r}", f"choose from {', '.join(FORMATS)}")
+        expanded = {"all": tuple(FORMATS), "cpu": CPU_FORMATS, "tflite": CPU_FORMATS[2:],
+                    "trt": ("trt-fp16", "trt-int8")}.get(token, (token,))
+        for name in expanded:
+            if name not in FORMATS:
+                raise UlsamError(f"format {name!r} is unknown", f"choose from {', '.join(FORMATS)}, cpu or all")
+            if name not in names:
+                names.append(name)
+    ordered: list[str] = []
+
+    def add(name: str) -> None:
+        for dep in FORMATS[name].needs:
+            add(dep)
+        if name not in ordered:
+            ordered.append(name)
+
+    for name in names:
+        add(name)
+    return tuple(ordered)
+
+
+@contextlib.contextmanager
+def quiet():
+    """The exporter logs progress and warnings about optional torchvision ops; keep the CLI clean."""
+    loggers = [logging.getLogger(name) for name in ("", "torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

@@ -1,0 +1,90 @@
+"""Calibrated INT8 Q/DQ ONNX with ONNX Runtime's static quantisation.
+
+Symmetric INT8 activations and weights (zero points 0), per-channel weights (axis 0), QDQ format:
+the form TensorRT's explicit quantisation builds from, and what ONNX Runtime runs in INT8.
+ULSAM's attention path - the Softmax, the multiply x*A it feeds and the residual add x*A + x -
+stays in float: INT8 would leave attention weights over 16-196 positions within a few
+quantisation steps of each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UlsamError
+from ..fileio import atomic_path
+from . import quiet
+
+METHODS = ("minmax", "entropy", "percentile")
+QUANTIZED_OPS = ["Conv", "Gemm", "Add", "MaxPool", "GlobalAveragePool", "ReduceMean", "Relu", "Clip"]
+
+
+def attention_nodes(model) -> list[str]:
+    """Names of the float attention path of every ULSAM: Softmax -> (Reshape) -> Mul -> Add."""
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    keep: list[str] = []
+    for node in model.graph.node:
+        if node.op_type != "Softmax":
+            continue
+        keep.append(node.name)
+        frontier = [node]
+        for _ in range(4):   # Softmax -> Reshape -> Mul -> Add, possibly with one more Reshape
+            nxt = [c for n in frontier for out in n.output for c in consumers.get(out, [])
+                   if c.op_type in ("Reshape", "Mul", "Add", "Unsqueeze")]
+            keep += [c.name for c in nxt if c.name not in keep]
+            if any(c.op_type == "Add" for c in nxt):
+                break
+            frontier = nxt
+    return keep
+
+
+class _Reader:
+    """ONNX Runtime CalibrationDataReader over a fixed array, in batches."""
+
+    def __init__(self, input_name: str, images: np.ndarray, batch: int = 16):
+        self.input_name, self.images, self.batch, self.pos = input_name, images, batch, 0
+
+    def get_next(self):
+        if self.pos >= len(self.images):
+            return None
+        chunk = np.ascontiguousarray(self.images[self.pos:self.pos + self.batch], dtype=np.float32)
+        self.pos += self.batch
+        return {self.input_name: chunk}
+
+    def rewind(self):
+        self.pos = 0
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, method: str = "minmax",
+                  keep_attention_float: bool = True) -> dict:
+    """Write the Q/DQ INT8 ONNX of ``fp32_path`` calibrated on ``calibration`` (NCHW float32)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in METHODS:
+        raise UlsamError(f"calibration method {method!r} is unknown", f"choose one of {', '.join(METHODS)}")
+    model = onnx.load(str(fp32_path))
+    float_nodes = attention_nodes(model) if keep_attention_float else []
+    calib_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                    "percentile": CalibrationMethod.Percentile}[method]
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "CalibTensorRangeSymmetric": True,
+             "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "Gemm": 0}}
+    if method == "percentile":
+        extra["CalibPercentile"] = 99.99
+    with atomic_path(out_path) as tmp, quiet():
+        quantize_static(str(fp32_path), str(tmp), _Reader(model.graph.input[0].name, calibration),
+                        quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
+                        reduce_range=False, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=float_nodes, calibrate_method=calib_method, extra_options=extra)
+        quantized = onnx.load(str(tmp))
+        onnx.checker.check_model(quantized)
+    ops = {}
+    for node in quantized.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {"method": method, "symmetric": True, "per_channel": True, "format": "QDQ",
+            "float_nodes": float_nodes, "ops": dict(sorted(ops.items()))}

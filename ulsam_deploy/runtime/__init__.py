@@ -1,0 +1,12 @@
+"""Artifact consumers: one Runner per backend, opened by name from the manifest."""
+
+from .base import RUNNERS, Runner, open_artifact, run_batched, runner_class
+
+__all__ = ["RUNNERS", "Runner", "open_artifact", "run_batched", "runner_class"]
+
+
+def torch_runner(model, threads: int = 0) -> Runner:
+    """The eager reference of an in-memory model as a Runner."""
+    from .torch import TorchRunner
+
+    return TorchRunner(model=model, threads=threads)

@@ -1,0 +1,55 @@
+"""The Runner interface every backend implements, and the registry that opens one lazily."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from ..errors import BackendUnavailable
+
+
+@runtime_checkable
+class Runner(Protocol):
+    name: str            # e.g. "onnxruntime-int8", "litert-fp16", "tensorrt-fp16", "torch-fp32"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """NCHW float32 (normalised) in, float32 logits out. Layout/quantisation handled inside."""
+
+    def close(self) -> None: ...
+
+
+# backend -> "module:Class"; nothing heavy is imported until a backend is chosen.
+RUNNERS = {
+    "torch": "ulsam_deploy.runtime.torch:TorchRunner",
+    "onnxruntime": "ulsam_deploy.runtime.onnxruntime:OnnxRuntimeRunner",
+    "litert": "ulsam_deploy.runtime.litert:LiteRTRunner",
+    "tensorrt": "ulsam_deploy.runtime.tensorrt:TensorRTRunner",
+}
+EXTRAS = {"litert": "tflite", "tensorrt": "tensorrt"}
+
+
+def runner_class(backend: str):
+    if backend not in RUNNERS:
+        raise BackendUnavailable(f"backend {backend!r} is unknown", f"choose one of {', '.join(RUNNERS)}")
+    module_name, cls_name = RUNNERS[backend].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        extra = EXTRAS.get(backend, "all")
+        raise BackendUnavailable(f"the {backend} backend is not installed ({exc.name or exc})",
+                                 f"pip install 'ulsam-deploy[{extra}]'") from None
+    return getattr(module, cls_name)
+
+
+def open_artifact(path: Path, backend: str, precision: str, threads: int = 0, **options) -> Runner:
+    """A Runner for one artifact file (the manifest says which backend and precision)."""
+    return runner_class(backend)(Path(path), precision=precision, threads=threads, **options)
+
+
+def run_batched(runner: Runner, images: np.ndarray, batch: int) -> np.ndarray:
+    """Logits for all ``images`` in chunks of ``batch``."""
+    return np.concatenate([runner(np.ascontiguousarray(images[i:i + batch], np.float32))
+                           for i in range(0, len(images), batch)])

@@ -1,0 +1,31 @@
+"""ONNX Runtime (CPU) Runner for fp32 and Q/DQ INT8 ONNX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import InputFileError
+
+
+class OnnxRuntimeRunner:
+    def __init__(self, path: Path, precision: str = "fp32", threads: int = 0):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
+            raise InputFileError(f"ONNX Runtime cannot load {Path(path).name}: {str(exc).splitlines()[0][:200]}") from None
+        self.input = self.session.get_inputs()[0].name
+        self.name = f"onnxruntime-{precision}"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: np.ascontiguousarray(batch, np.float32)})[0]
+
+    def close(self) -> None:
+        self.session = None
