@@ -72,7 +72,8 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, meth
     float_nodes = attention_nodes(model) if keep_attention_float else []
     calib_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                     "percentile": CalibrationMethod.Percentile}[method]
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "CalibTensorRangeSymmetric": True,
+    # Biases stay float (QuantizeBias False): TensorRT fuses a float bias, int32 DequantizeLinear it does not take.
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "CalibTensorRangeSymmetric": True, "QuantizeBias": False,
              "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "Gemm": 0}}
     if method == "percentile":
         extra["CalibPercentile"] = 99.99

@@ -1,0 +1,175 @@
+"""Export -> manifest -> parity/check on a small model with O(1) logits (fast), and planted regressions."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from ulsam_deploy.manifest import Manifest
+from ulsam_deploy.nets import build_model, save_checkpoint
+from ulsam_deploy.nets.build import sha256_file
+from ulsam_deploy.spec import ModelSpec
+
+SPEC = ModelSpec.parse("mv2", "13,14,16,17", groups=4, width=0.5, num_classes=10, input_size=64)
+
+
+def _model_file(tmp_path, spec=SPEC, seed=0, name="m.safetensors"):
+    """Random weights with BN statistics set on real images, so that logits are O(1) as in a trained net."""
+    from ulsam_deploy.data import digits
+
+    model = build_model(spec, seed=seed)
+    images, _ = digits.load("train", spec.input_size)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.classifier.weight, 0, 0.5, generator=torch.Generator().manual_seed(seed))
+        model.train()
+        for start in range(0, 256, 128):
+            model(torch.from_numpy(np.array(images[start:start + 128])))
+    return save_checkpoint(model.eval(), tmp_path / name)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, request):
+    from typer.testing import CliRunner
+
+    from ulsam_deploy.cli import app
+
+    root = tmp_path_factory.mktemp("export")
+    ckpt = _model_file(root)
+    out = root / "exp"
+    result = CliRunner().invoke(app, ["export", "--model", str(ckpt), "--formats", "onnx,onnx-int8", "--calib",
+                                      "digits", "--calib-samples", "64", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    return ckpt, out, json.loads(result.stdout)
+
+
+def test_manifest_records_everything(exported):
+    ckpt, out, summary = exported
+    manifest = Manifest.load(out)
+    data = manifest.data
+    assert data["spec"] == SPEC.to_dict() and data["checkpoint"]["sha256"] == sha256_file(ckpt)
+    assert data["calibration"]["source"] == "digits:train" and data["calibration"]["count"] == 64
+    assert {"torch", "onnx", "onnxruntime", "onnxsim"} <= set(data["versions"])
+    for key in ("onnx", "onnx-int8"):
+        entry = manifest.artifacts[key]
+        assert entry["sha256"] == sha256_file(out / entry["file"]) and entry["size_bytes"] > 0
+    assert not list(out.glob("*.part"))
+    assert [a["status"] for a in summary["artifacts"]] == ["built", "built"]
+
+
+def test_onnx_graph_is_compact(exported):
+    _, out, _ = exported
+    entry = Manifest.load(out).artifacts["onnx"]
+    ops = entry["ops_after_simplify"]
+    assert "Identity" not in ops and "Cast" not in ops and "Tile" not in ops
+    assert "BatchNormalization" not in ops          # folded into the convs
+    assert ops["Softmax"] == 4 and ops["MaxPool"] == 4
+    assert entry["opset"] >= 17
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param   # dynamic batch
+
+
+def test_int8_qdq_is_symmetric_per_channel_and_keeps_softmax_float(exported):
+    _, out, _ = exported
+    model = onnx.load(str(out / "model.int8.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq
+    for node in qdq:
+        zero_point = inits.get(node.input[2]) if len(node.input) > 2 else None
+        assert zero_point is None or (zero_point.dtype == np.int8 and not zero_point.any())
+    for node in model.graph.node:
+        if node.op_type == "Softmax":
+            assert producers[node.input[0]].op_type != "DequantizeLinear"
+        if node.op_type == "Conv":
+            weight_dq = producers[node.input[1]]
+            assert weight_dq.op_type == "DequantizeLinear"
+            scale = inits[weight_dq.input[1]]
+            assert scale.ndim == 1 and scale.shape[0] == inits[weight_dq.input[0]].shape[0]   # per channel, axis 0
+            assert producers[node.input[0]].op_type == "DequantizeLinear"                        # activations too
+
+
+def test_second_export_keeps_current_artifacts(exported, cli):
+    ckpt, out, _ = exported
+    code, stdout, err = cli("export", "--model", ckpt, "--formats", "onnx,onnx-int8", "--calib", "digits",
+                            "--calib-samples", "64", "--out", out, "--json")
+    assert code == 0, err
+    assert [a["status"] for a in json.loads(stdout)["artifacts"]] == ["kept", "kept"]
+
+
+def test_parity_fp32_and_check_pass(exported, cli):
+    _, out, _ = exported
+    code, stdout, err = cli("check", "--export", out, "--data", "digits", "--formats", "onnx", "--json")
+    assert code == 0, err
+    (row,) = json.loads(stdout)
+    for key in ("artifact", "backend", "precision", "top1_agreement", "cosine_min", "max_abs", "accuracy",
+                "accuracy_delta", "passed"):
+        assert key in row
+    assert row["max_abs"] <= 1e-4 and row["top1_agreement"] == 100.0 and row["passed"]
+
+
+def test_stale_model_is_refused(exported, cli, tmp_path):
+    _, out, _ = exported
+    changed = _model_file(tmp_path, seed=1, name="changed.safetensors")
+    code, stdout, err = cli("check", "--export", out, "--model", changed, "--formats", "onnx")
+    assert code == 2 and "changed after export" in err and stdout == ""
+
+
+def test_tampered_artifact_is_refused(exported, cli, tmp_path):
+    import shutil
+
+    _, out, _ = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with open(copy / "model.onnx", "r+b") as handle:
+        handle.seek(-64, 2)
+        handle.write(b"\x00" * 8)
+    code, _, err = cli("parity", "--export", copy, "--formats", "onnx")
+    assert code == 2 and "does not match its manifest sha256" in err
+
+
+def _plant(out, tmp_path, mutate):
+    """Copy the export, change model.onnx with ``mutate``, and re-sign it in the manifest (a broken converter)."""
+    import shutil
+
+    copy = tmp_path / "planted"
+    shutil.copytree(out, copy)
+    model = onnx.load(str(copy / "model.onnx"))
+    mutate(model)
+    onnx.save(model, str(copy / "model.onnx"))
+    manifest = Manifest.load(copy)
+    manifest.artifacts["onnx"]["sha256"] = sha256_file(copy / "model.onnx")
+    manifest.save()
+    return copy
+
+
+def test_planted_weight_perturbation_fails_check(exported, cli, tmp_path):
+    _, out, _ = exported
+
+    def perturb(model):
+        head = next(n for n in model.graph.node if n.op_type == "Gemm")
+        init = next(i for i in model.graph.initializer if i.name == head.input[1])
+        array = numpy_helper.to_array(init).copy()
+        array[0] += 0.05          # one row of the classifier: class 0's logit moves on every input
+        init.CopyFrom(numpy_helper.from_array(array, init.name))
+
+    planted = _plant(out, tmp_path, perturb)
+    code, _, err = cli("check", "--export", planted, "--data", "digits", "--formats", "onnx")
+    assert code == 1 and "FAIL onnx" in err and "max_abs" in err
+
+
+def test_planted_constant_attention_fails_check(exported, cli, tmp_path):
+    _, out, _ = exported
+
+    def flatten_attention(model):   # softmax -> uniform: attention replaced by a constant map
+        for node in model.graph.node:
+            if node.op_type == "Softmax":
+                node.op_type = "Sigmoid"
+                del node.attribute[:]
+
+    planted = _plant(out, tmp_path, flatten_attention)
+    code, _, err = cli("check", "--export", planted, "--data", "digits", "--formats", "onnx")
+    assert code == 1 and "max_abs" in err
