@@ -17,9 +17,14 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 
 install: $(STAMP)
 
+MODEL  ?= models/mv2-ulsam-13-14-16-17-g4-digits
+
 demo: install
 	$(BIN)/ulsam-deploy profile --paper
-	$(BIN)/ulsam-deploy profile --arch mv2 --positions 13,14,16,17 --groups 4
+	$(BIN)/ulsam-deploy profile --model $(MODEL)
+	$(BIN)/ulsam-deploy evaluate --model $(MODEL)
+	$(BIN)/ulsam-deploy export --model $(MODEL) --formats onnx,onnx-int8
+	$(BIN)/ulsam-deploy check --model $(MODEL) --formats onnx,onnx-int8
 
 # pytest exits 5 when it collects nothing; that is reported, not treated as a crash.
 test: install

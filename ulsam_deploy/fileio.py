@@ -18,6 +18,9 @@ def atomic_path(final: Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
     os.close(fd)
     tmp = Path(name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; artifacts get ordinary permissions
     try:
         yield tmp
         with open(tmp, "rb+") as handle:

@@ -9,6 +9,7 @@ quantisation steps of each other.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,34 @@ class _Reader:
         self.pos = 0
 
 
+def calibrate(fp32_path: Path, calibration: np.ndarray, method: str, cache: Path) -> None:
+    """Activation ranges by ``method`` written to an ORT calibration cache (JSON).
+
+    ``quantize_static`` forwards no bin counts to its calibrators, and its Entropy default of 128
+    histogram bins for 128 quantised bins leaves a single candidate threshold, the full range: the
+    same scales as MinMax. We run the calibrator ourselves with 2048 bins so the methods differ.
+    """
+    import onnx
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+
+    options = {"symmetric": True}
+    if method == "entropy":
+        options |= {"num_bins": 2048, "num_quantized_bins": 128}
+    elif method == "percentile":
+        options |= {"num_bins": 2048, "percentile": 99.99}
+    calib_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                    "percentile": CalibrationMethod.Percentile}[method]
+    model = onnx.load(str(fp32_path))
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    batch = dim.dim_value if dim.dim_value > 0 else 16    # a static batch must be fed as it is
+    with tempfile.TemporaryDirectory(prefix="ulsam-calib-") as work:
+        calibrator = create_calibrator(Path(fp32_path), QUANTIZED_OPS,
+                                       augmented_model_path=str(Path(work) / "augmented.onnx"),
+                                       calibrate_method=calib_method, extra_options=options)
+        calibrator.collect_data(_Reader(model.graph.input[0].name, calibration, batch))
+        save_tensors_data(calibrator.compute_data(), cache)
+
+
 def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, method: str = "minmax",
                   keep_attention_float: bool = True) -> dict:
     """Write the Q/DQ INT8 ONNX of ``fp32_path`` calibrated on ``calibration`` (NCHW float32)."""
@@ -73,15 +102,15 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, meth
     calib_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                     "percentile": CalibrationMethod.Percentile}[method]
     # Biases stay float (QuantizeBias False): TensorRT fuses a float bias, int32 DequantizeLinear it does not take.
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "CalibTensorRangeSymmetric": True, "QuantizeBias": False,
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
              "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "Gemm": 0}}
-    if method == "percentile":
-        extra["CalibPercentile"] = 99.99
-    with atomic_path(out_path) as tmp, quiet():
-        quantize_static(str(fp32_path), str(tmp), _Reader(model.graph.input[0].name, calibration),
-                        quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
-                        reduce_range=False, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=float_nodes, calibrate_method=calib_method, extra_options=extra)
+    with atomic_path(out_path) as tmp, quiet(), tempfile.TemporaryDirectory(prefix="ulsam-q-") as work:
+        cache = Path(work) / "ranges.json"
+        calibrate(fp32_path, calibration, method, cache)
+        quantize_static(str(fp32_path), str(tmp), None, quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=QUANTIZED_OPS, per_channel=True, reduce_range=False,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=float_nodes,
+                        calibrate_method=calib_method, extra_options=extra, calibration_cache_path=str(cache))
         quantized = onnx.load(str(tmp))
         onnx.checker.check_model(quantized)
     ops = {}
