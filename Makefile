@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= dev
+EXTRAS ?= dev,tflite
 STAMP  := $(VENV)/.installed-$(EXTRAS)
 
 .PHONY: install demo test test-fast clean
@@ -23,8 +23,8 @@ demo: install
 	$(BIN)/ulsam-deploy profile --paper
 	$(BIN)/ulsam-deploy profile --model $(MODEL)
 	$(BIN)/ulsam-deploy evaluate --model $(MODEL)
-	$(BIN)/ulsam-deploy export --model $(MODEL) --formats onnx,onnx-int8
-	$(BIN)/ulsam-deploy check --model $(MODEL) --formats onnx,onnx-int8
+	$(BIN)/ulsam-deploy export --model $(MODEL) --formats cpu
+	$(BIN)/ulsam-deploy check --model $(MODEL) --formats cpu --threads 2
 
 # pytest exits 5 when it collects nothing; that is reported, not treated as a crash.
 test: install

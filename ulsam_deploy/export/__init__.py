@@ -28,10 +28,12 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("tflite-fp32", "model_fp32.tflite", "fp32", "litert", ("onnx",)),
     Format("tflite-fp16", "model_fp16.tflite", "fp16", "litert", ("onnx",)),
     Format("tflite-int8", "model_int8.tflite", "int8", "litert", ("onnx",), calibrated=True),
+    Format("tflite-int8-plain", "model_int8_plain.tflite", "int8", "litert", ("onnx",), calibrated=True),
     Format("trt-fp16", "model_fp16.engine", "fp16", "tensorrt", ("onnx",)),
     Format("trt-int8", "model_int8.engine", "int8", "tensorrt", ("onnx-int8",), calibrated=True),
 )}
 CPU_FORMATS = ("onnx", "onnx-int8", "tflite-fp32", "tflite-fp16", "tflite-int8")
+# The plain full-integer TFLite (attention in INT8 too) is built only on request, for comparison.
 DEFAULT_FORMATS = ("onnx", "onnx-int8")
 
 

@@ -1,0 +1,96 @@
+"""TFLite/LiteRT: conversion of the shipped reference model, parity for every precision, and the
+ULSAM-aware INT8 recipe (attention path in float) against plain full-integer INT8."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnx2tf", reason="TFLite extra not installed: pip install 'ulsam-deploy[tflite]'")
+
+from ulsam_deploy.manifest import Manifest  # noqa: E402
+from ulsam_deploy.runtime import open_artifact  # noqa: E402
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "mv2-ulsam-13-14-16-17-g4-digits"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tflite_export(tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from ulsam_deploy.cli import app
+
+    out = tmp_path_factory.mktemp("tfl") / "exp"
+    result = CliRunner().invoke(app, ["export", "--model", str(MODEL), "--formats",
+                                      "tflite-fp32,tflite-fp16,tflite-int8,tflite-int8-plain", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def test_artifacts_and_io(tflite_export):
+    manifest = Manifest.load(tflite_export)
+    assert {"onnx", "tflite-fp32", "tflite-fp16", "tflite-int8", "tflite-int8-plain"} <= set(manifest.artifacts)
+    assert manifest.artifacts["tflite-int8"]["attention_path"] == "float"
+    assert manifest.artifacts["tflite-int8-plain"]["attention_path"] == "int8"
+    x = np.random.default_rng(0).normal(size=(3, 3, 112, 112)).astype(np.float32)
+    for key in ("tflite-fp32", "tflite-int8"):
+        entry = manifest.artifacts[key]
+        runner = open_artifact(tflite_export / entry["file"], "litert", entry["precision"], threads=2)
+        assert runner(x).shape == (3, 10) and runner(x[:1]).shape == (1, 10)   # batch resized both ways
+        runner.close()
+    assert not list(Path(tflite_export).glob("*.part"))
+
+
+def test_check_passes_every_precision(tflite_export, cli):
+    code, out, err = cli("check", "--export", tflite_export, "--formats", "tflite-fp32,tflite-fp16,tflite-int8",
+                         "--threads", "2", "--json")
+    assert code == 0, err
+    rows = {r["artifact"]: r for r in json.loads(out)}
+    assert rows["tflite-fp32"]["max_abs"] <= 1e-4 * rows["tflite-fp32"]["logit_range"]
+    assert rows["tflite-fp16"]["top1_agreement"] >= 99.5
+    assert rows["tflite-int8"]["top1_agreement"] >= 98.0 and rows["tflite-int8"]["accuracy_delta"] >= -1.0
+
+
+def test_attention_float_recipe_is_at_least_as_close(tflite_export, cli):
+    code, out, _ = cli("parity", "--export", tflite_export, "--formats", "tflite-int8,tflite-int8-plain", "--json")
+    assert code == 0
+    rows = {r["artifact"]: r for r in json.loads(out)}
+    assert rows["tflite-int8"]["mean_abs"] <= rows["tflite-int8-plain"]["mean_abs"]
+
+
+def test_planted_head_swap_in_tflite_fails_check(tflite_export, cli, tmp_path):
+    """Swap two classes' rows of the classifier inside the fp32 .tflite flatbuffer: check must fail."""
+    copy = tmp_path / "planted"
+    shutil.copytree(tflite_export, copy)
+    manifest = Manifest.load(copy)
+    path = copy / manifest.artifacts["tflite-fp32"]["file"]
+    data = bytearray(path.read_bytes())
+    weights = _classifier_weights(path)
+    rows = weights.reshape(10, -1)
+    raw_0, raw_1 = rows[0].tobytes(), rows[1].tobytes()
+    start = data.find(raw_0)
+    assert start > 0
+    other = data.find(raw_1)
+    data[start:start + len(raw_0)], data[other:other + len(raw_1)] = raw_1, raw_0
+    path.write_bytes(bytes(data))
+    manifest.artifacts["tflite-fp32"]["sha256"] = __import__("ulsam_deploy.nets.build", fromlist=["x"]).sha256_file(path)
+    manifest.save()
+    code, _, err = cli("check", "--export", copy, "--formats", "tflite-fp32")
+    assert code == 1 and "top1_agreement" in err
+
+
+def _classifier_weights(path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    for detail in interpreter.get_tensor_details():
+        if tuple(detail["shape"]) == (10, 1280):
+            try:
+                return interpreter.get_tensor(detail["index"])
+            except ValueError:
+                continue
+    raise AssertionError("classifier weights not found")

@@ -1,0 +1,89 @@
+"""Subprocess entry for the TensorFlow side of the TFLite export (TensorFlow never loads in the CLI).
+
+    python -m ulsam_deploy.export.onnx2tf_worker convert MODEL.onnx OUT_DIR
+    python -m ulsam_deploy.export.onnx2tf_worker quantize SAVED_MODEL_DIR CALIB_NHWC.npy OUT.tflite attention-float|plain
+
+``convert`` runs in a scratch folder that holds a copy of the ONNX and onnx2tf's sample file;
+every network request is refused, so a conversion that would download fails instead of reaching out.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def convert(onnx_path: str, out_dir: str) -> int:
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import requests
+
+    def refuse(url, *args, **kwargs):
+        raise requests.exceptions.ConnectionError(f"ulsam-deploy converts offline; refused {url}")
+
+    requests.get = requests.post = refuse
+    import onnx2tf
+
+    onnx2tf.convert(input_onnx_file_path=onnx_path, output_folder_path=out_dir, non_verbose=True)
+    missing = [f for f in ("model_float32.tflite", "model_float16.tflite") if not os.path.isfile(os.path.join(out_dir, f))]
+    if missing:
+        print(f"onnx2tf wrote no {', '.join(missing)}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def quantize_int8(saved_model: str, calib_nhwc, keep_attention_float: bool) -> bytes:
+    import tensorflow as tf
+
+    def representative():
+        for i in range(len(calib_nhwc)):
+            yield {"input": calib_nhwc[i:i + 1]}
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    if not keep_attention_float:
+        converter.inference_input_type = converter.inference_output_type = tf.int8
+        return converter.convert()
+    options = tf.lite.experimental.QuantizationDebugOptions(
+        denylisted_ops=["SOFTMAX", "MUL"], denylisted_nodes=_attention_tensors(saved_model), fully_quantize=True)
+    debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=representative,
+                                                         debug_options=options)
+    return debugger.get_nondebug_quantized_model()
+
+
+def _attention_tensors(saved_model: str) -> list[str]:
+    """Output names of the RESHAPE after each SOFTMAX and the ADD after each MUL (x*A + x), read from
+    the float model: the denylist must name them, or they re-quantise the float softmax to 1/256."""
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=tf.lite.TFLiteConverter.from_saved_model(str(saved_model)).convert())
+    names = {d["index"]: d["name"] for d in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()   # no public equivalent lists op inputs/outputs
+    producer = {out: op["op_name"] for op in ops for out in op["outputs"]}
+    return [names[op["outputs"][0]] for op in ops
+            if (op["op_name"] == "RESHAPE" and any(producer.get(i) == "SOFTMAX" for i in op["inputs"]))
+            or (op["op_name"] == "ADD" and any(producer.get(i) == "MUL" for i in op["inputs"]))]
+
+
+def main() -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    mode, *args = sys.argv[1:]
+    if mode == "convert":
+        return convert(*args)
+    if mode == "quantize":
+        import numpy as np
+
+        saved, calib, out, recipe = args
+        data = quantize_int8(saved, np.load(calib), keep_attention_float=recipe == "attention-float")
+        with open(out, "wb") as handle:
+            handle.write(data)
+        return 0
+    print(f"unknown mode {mode!r}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""LiteRT Runner (ai_edge_litert, the maintained successor of tflite-runtime), XNNPACK on.
+
+NCHW -> NHWC and INT8 input/output (de)quantisation happen here; the batch axis is resized to
+whatever batch arrives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+from ..errors import InputFileError
+
+
+@contextlib.contextmanager
+def _quiet_fd2():
+    """LiteRT's C++ core prints an INFO line per interpreter to fd 2; keep CLI output to our own lines."""
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+class LiteRTRunner:
+    def __init__(self, path: Path, precision: str = "fp32", threads: int = 0):
+        try:
+            with _quiet_fd2():
+                self.interpreter = Interpreter(model_path=str(path), num_threads=threads or None)
+                self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise InputFileError(f"LiteRT cannot load {Path(path).name}: {str(exc).splitlines()[0][:200]}") from None
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self.batch = int(self.input["shape"][0])
+        self.name = f"litert-{precision}"
+
+    def _resize(self, batch: int) -> None:
+        if batch != self.batch:
+            shape = list(self.input["shape"])
+            shape[0] = batch
+            self.interpreter.resize_tensor_input(self.input["index"], shape, strict=False)
+            self.interpreter.allocate_tensors()
+            self.input = self.interpreter.get_input_details()[0]
+            self.output = self.interpreter.get_output_details()[0]
+            self.batch = batch
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(np.asarray(batch, np.float32).transpose(0, 2, 3, 1))
+        self._resize(len(x))
+        dtype = self.input["dtype"]
+        if dtype != np.float32:
+            scale, zero = self.input["quantization"]
+            info = np.iinfo(dtype)
+            x = np.clip(np.round(x / scale) + zero, info.min, info.max).astype(dtype)
+        self.interpreter.set_tensor(self.input["index"], x)
+        self.interpreter.invoke()
+        y = self.interpreter.get_tensor(self.output["index"])
+        if y.dtype != np.float32:
+            scale, zero = self.output["quantization"]
+            y = (y.astype(np.float32) - zero) * scale
+        return y.astype(np.float32)
+
+    def close(self) -> None:
+        self.interpreter = None
