@@ -39,8 +39,8 @@ def exported(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("export")
     ckpt = _model_file(root)
     out = root / "exp"
-    result = CliRunner().invoke(app, ["export", "--model", str(ckpt), "--formats", "onnx,onnx-int8", "--calib",
-                                      "digits", "--calib-samples", "64", "--out", str(out), "--json"])
+    result = CliRunner().invoke(app, ["export", "--model", str(ckpt), "--formats", "onnx,onnx-int8,onnx-int8-trt",
+                                      "--calib", "digits", "--calib-samples", "64", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     return ckpt, out, json.loads(result.stdout)
 
@@ -52,11 +52,11 @@ def test_manifest_records_everything(exported):
     assert data["spec"] == SPEC.to_dict() and data["checkpoint"]["sha256"] == sha256_file(ckpt)
     assert data["calibration"]["source"] == "digits:train" and data["calibration"]["count"] == 64
     assert {"torch", "onnx", "onnxruntime", "onnxsim"} <= set(data["versions"])
-    for key in ("onnx", "onnx-int8"):
+    for key in ("onnx", "onnx-int8", "onnx-int8-trt"):
         entry = manifest.artifacts[key]
         assert entry["sha256"] == sha256_file(out / entry["file"]) and entry["size_bytes"] > 0
     assert not list(out.glob("*.part"))
-    assert [a["status"] for a in summary["artifacts"]] == ["built", "built"]
+    assert [a["status"] for a in summary["artifacts"]] == ["built", "built", "built"]
 
 
 def test_onnx_graph_is_compact(exported):
@@ -71,9 +71,28 @@ def test_onnx_graph_is_compact(exported):
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param   # dynamic batch
 
 
+def _qdq(path):
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    return model, inits, producers
+
+
+def test_ort_int8_is_u8s8_with_per_channel_weights(exported):
+    _, out, _ = exported
+    model, inits, producers = _qdq(out / "model.int8.onnx")
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            act, weight = producers[node.input[0]], producers[node.input[1]]
+            assert act.op_type == weight.op_type == "DequantizeLinear"
+            assert inits[act.input[2]].dtype == np.uint8                       # activations uint8
+            assert inits[weight.input[0]].dtype == np.int8 and not inits[weight.input[2]].any()
+            assert inits[weight.input[1]].shape == (inits[weight.input[0]].shape[0],)
+
+
 def test_int8_qdq_is_symmetric_per_channel_and_keeps_softmax_float(exported):
     _, out, _ = exported
-    model = onnx.load(str(out / "model.int8.onnx"))
+    model = onnx.load(str(out / "model.int8.trt.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
     qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
@@ -94,10 +113,10 @@ def test_int8_qdq_is_symmetric_per_channel_and_keeps_softmax_float(exported):
 
 def test_second_export_keeps_current_artifacts(exported, cli):
     ckpt, out, _ = exported
-    code, stdout, err = cli("export", "--model", ckpt, "--formats", "onnx,onnx-int8", "--calib", "digits",
-                            "--calib-samples", "64", "--out", out, "--json")
+    code, stdout, err = cli("export", "--model", ckpt, "--formats", "onnx,onnx-int8,onnx-int8-trt", "--calib",
+                            "digits", "--calib-samples", "64", "--out", out, "--json")
     assert code == 0, err
-    assert [a["status"] for a in json.loads(stdout)["artifacts"]] == ["kept", "kept"]
+    assert [a["status"] for a in json.loads(stdout)["artifacts"]] == ["kept", "kept", "kept"]
 
 
 def test_parity_fp32_and_check_pass(exported, cli):

@@ -34,9 +34,10 @@ app = typer.Typer(cls=OneLineErrors, add_completion=False, pretty_exceptions_ena
                   help="Build, profile, export, verify and benchmark MobileNet-V1/V2 with ULSAM.")
 
 
-from .commands import deploy, model
+from .commands import bench, deploy, model
 
-for command in (model.profile, model.build, model.train, model.evaluate, deploy.export, deploy.parity, deploy.check):
+for command in (model.profile, model.build, model.train, model.evaluate, deploy.export, deploy.parity, deploy.check,
+                bench.bench):
     app.command()(command)
 
 

@@ -99,3 +99,55 @@ def parity_table(results, directory: str) -> Table:
     return table(f"Parity vs eager fp32 - {directory} - {data}",
                  ("artifact", "backend", "precision", "top-1 agr %", "top-5 agr %", "acc %", "acc delta",
                   "cos mean", "cos min", "max abs", "mean abs", "status"), rows)
+
+
+def bench_table(result) -> Table:
+    rows = [(r.model, r.backend, r.precision, r.batch, f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}",
+             f"{r.throughput:.1f}", f"{r.size_mb:.2f}", f"{r.macs / 1e6:.1f}", f"{r.gflops:.1f}",
+             f"{r.efficiency * 100:.1f}", _pct(r.top1_agreement),
+             "-" if r.accuracy_delta is None else f"{r.accuracy_delta:+.2f}") for r in result.rows]
+    caption = (f"CPU: {result.cpu}; {result.threads} threads; measured fp32 GEMM peak {result.peak_gflops:.1f} GFLOP/s"
+               + ("; skipped: " + "; ".join(result.skipped) if result.skipped else ""))
+    return table("Benchmark", ("model", "backend", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s",
+                               "MB", "MMACs", "GFLOP/s", "eff %", "top-1 agr %", "acc delta"), rows, caption=caption)
+
+
+def ratio_table(result) -> Table:
+    a, b = result.models
+    rows = [(r.backend, r.precision, r.batch, f"{r.ratio:.3f}", f"{r.low:.3f} - {r.high:.3f}", r.rounds)
+            for r in result.ratios]
+    return table(f"Latency ratio {a} / {b} (interleaved)", ("backend", "precision", "batch", "p50 ratio",
+                                                            "p10 - p90 over rounds", "rounds"), rows)
+
+
+def plot_bench(result, path) -> None:
+    """Grouped bars: p50 latency per backend x precision (x batch), p90 whiskers; one colour per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .fileio import atomic_path
+
+    labels = list(dict.fromkeys(f"{r.backend}\n{r.precision}" + (f"\nb{r.batch}" if r.batch != 1 else "")
+                                for r in result.rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 4.2))
+    width = 0.8 / len(result.models)
+    for i, model in enumerate(result.models):
+        rows = {f"{r.backend}\n{r.precision}" + (f"\nb{r.batch}" if r.batch != 1 else ""): r
+                for r in result.rows if r.model == model}
+        xs = [j + (i - (len(result.models) - 1) / 2) * width for j, lab in enumerate(labels) if lab in rows]
+        p50 = [rows[lab].p50_ms for lab in labels if lab in rows]
+        p90 = [rows[lab].p90_ms - rows[lab].p50_ms for lab in labels if lab in rows]
+        ax.bar(xs, p50, width, yerr=[[0] * len(p50), p90], capsize=3, label=model)
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel("latency per batch, ms (p50; whisker p90)")
+    spread = [r.p50_ms for r in result.rows]
+    if max(spread) > 20 * min(spread):
+        ax.set_yscale("log")
+    ax.set_title(f"{result.cpu}, {result.threads} threads", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

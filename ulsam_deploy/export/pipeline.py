@@ -125,10 +125,11 @@ def _produce(name: str, request: ExportRequest, manifest: Manifest, calib: DataS
         from .onnx import export_onnx
 
         return export_onnx(request.model, spec.input_size, target)
-    if name == "onnx-int8":
+    if name in ("onnx-int8", "onnx-int8-trt"):
         from .quantize import quantize_int8
 
-        return quantize_int8(directory / FORMATS["onnx"].filename, target, calib.images, request.calib_method)
+        return quantize_int8(directory / FORMATS["onnx"].filename, target, calib.images, request.calib_method,
+                             encoding="tensorrt" if name == "onnx-int8-trt" else "ort")
     try:
         producer = importlib.import_module(PRODUCERS[fmt.backend])
     except ModuleNotFoundError as exc:

@@ -1,0 +1,97 @@
+"""The one place that times things: warm-up, then timed runs with ``perf_counter_ns``.
+
+Backend-agnostic: it receives Runners. ``interleaved`` alternates two runners round by round
+(A B A B ...) so that drift in machine load hits both alike; ratios are taken per round.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .runtime import Runner
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+    runs: int
+    warmup: int
+
+    @classmethod
+    def from_samples(cls, samples_ms: list[float], warmup: int) -> "LatencyStats":
+        if not samples_ms:
+            raise ValueError("no timing samples")
+        p50, p90, p99 = np.percentile(samples_ms, [50, 90, 99])
+        return cls(float(p50), float(p90), float(p99), float(np.mean(samples_ms)), float(min(samples_ms)),
+                   len(samples_ms), warmup)
+
+    def throughput(self, batch: int) -> float:
+        """Images per second at the median latency."""
+        return batch * 1000.0 / self.p50_ms
+
+
+def time_calls(call: Callable[[], object], runs: int) -> list[float]:
+    """Milliseconds of ``runs`` consecutive calls."""
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter_ns()
+        call()
+        samples.append((time.perf_counter_ns() - start) / 1e6)
+    return samples
+
+
+def measure(runner: Runner, batch: np.ndarray, warmup: int, runs: int) -> LatencyStats:
+    time_calls(lambda: runner(batch), warmup)
+    return LatencyStats.from_samples(time_calls(lambda: runner(batch), runs), warmup)
+
+
+@dataclass(frozen=True)
+class Ratio:
+    median: float        # median over rounds of p50(A) / p50(B)
+    low: float           # 10th percentile over rounds
+    high: float          # 90th percentile over rounds
+    rounds: int
+
+
+def interleaved(a: Runner, b: Runner, batch: np.ndarray, warmup: int, runs: int, rounds: int = 10
+                ) -> tuple[LatencyStats, LatencyStats, Ratio]:
+    """Time ``a`` and ``b`` alternately in ``rounds`` blocks of runs/rounds calls each."""
+    per_round = max(1, runs // rounds)
+    time_calls(lambda: a(batch), warmup)
+    time_calls(lambda: b(batch), warmup)
+    all_a, all_b, ratios = [], [], []
+    for _ in range(rounds):
+        sa = time_calls(lambda: a(batch), per_round)
+        sb = time_calls(lambda: b(batch), per_round)
+        all_a += sa
+        all_b += sb
+        ratios.append(statistics.median(sa) / statistics.median(sb))
+    low, med, high = np.percentile(ratios, [10, 50, 90])
+    return (LatencyStats.from_samples(all_a, warmup), LatencyStats.from_samples(all_b, warmup),
+            Ratio(float(med), float(low), float(high), rounds))
+
+
+def gemm_peak_gflops(threads: int, size: int = 1024, repeats: int = 20) -> float:
+    """Achievable fp32 GFLOP/s of this CPU: best of ``repeats`` square matmuls (torch, ``threads`` threads)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        for _ in range(3):
+            a @ b
+        best = min(time_calls(lambda: a @ b, repeats))
+    finally:
+        torch.set_num_threads(previous)
+    return 2.0 * size ** 3 / (best / 1000.0) / 1e9

@@ -1,0 +1,102 @@
+"""``ulsam-deploy bench``: latency, throughput, size, MACs and parity of every backend side by side."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import options as o
+from ..errors import UlsamError
+
+Vs = Annotated[Optional[str], typer.Option(
+    "--vs", help="Second model, timed interleaved with the first: a model folder/checkpoint, or ARCH[@POSITIONS] "
+                 "with the first model's groups, width, classes and input size (e.g. 'mv2', 'mv2@17:1').")]
+
+
+def _int_list(text: str, flag: str, low: int, high: int) -> list[int]:
+    values = []
+    for token in text.split(","):
+        token = token.strip()
+        if not token.isascii() or not token.isdigit() or not (low <= int(token) <= high):
+            raise UlsamError(f"{flag} {text!r}: {token!r} is not a whole number in {low}..{high}")
+        values.append(int(token))
+    return values
+
+
+def _choices(text: str, flag: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    chosen = tuple(allowed) if text.strip().lower() == "all" else tuple(t.strip().lower() for t in text.split(","))
+    for token in chosen:
+        if token not in allowed:
+            raise UlsamError(f"{flag} {token!r} is unknown", f"choose from {', '.join(allowed)} or all")
+    return chosen
+
+
+def _vs_reference(vs: str, primary_spec) -> tuple[Path | None, tuple]:
+    path = Path(vs)
+    if path.exists():
+        return path, (None,) * 6
+    arch, _, positions = vs.partition("@")
+    return None, (arch, positions, primary_spec.groups, primary_spec.width, primary_spec.num_classes,
+                  primary_spec.input_size)
+
+
+def bench(arch: o.Arch = None, positions: o.Positions = None, groups: o.Groups = None, width: o.Width = None,
+          num_classes: o.NumClasses = None, input_size: o.InputSize = None, model: o.ModelPath = None,
+          vs: Vs = None,
+          backend: Annotated[str, typer.Option(help="torch, onnxruntime, litert, trt (comma list) or all.")] = "all",
+          precision: Annotated[str, typer.Option(help="fp32, fp16, int8 (comma list) or all.")] = "all",
+          threads: Annotated[int, typer.Option(min=1, max=256, help="Threads per runtime.")] = os.cpu_count() or 1,
+          batch: Annotated[str, typer.Option(help="Batch sizes, comma list.")] = "1",
+          warmup: Annotated[int, typer.Option(min=0, max=10_000)] = 10,
+          runs: Annotated[int, typer.Option(min=1, max=100_000)] = 100,
+          parity: Annotated[bool, typer.Option(help="Also run parity for the agreement columns.")] = True,
+          plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of p50 latency (p90 whiskers).")] = None,
+          json_out: o.Json = False) -> None:
+    """Time every artifact (exported if missing) and print one table; with --vs, per-backend ratios."""
+    from .. import report
+    from ..profile import count_layers
+    from ..suite import BACKENDS, Subject, formats_for, new_report, run_suite
+    from ..workflow import export_for, parity_for
+
+    backends = _choices(backend, "--backend", BACKENDS)
+    precisions = _choices(precision, "--precision", ("fp32", "fp16", "int8"))
+    batches = _int_list(batch, "--batch", 1, 4096)
+    if plot is not None and (plot.suffix.lower() != ".png" or plot.is_dir()):
+        raise UlsamError(f"--plot {plot} must be a .png file path")
+    refs = [(model, (arch, positions, groups, width, num_classes, input_size))]
+    skipped: list[str] = []
+    formats = formats_for(backends, precisions, skipped)
+    keys = (["torch"] if "torch" in backends and "fp32" in precisions else []) + formats
+    if not keys:
+        raise UlsamError("no artifact matches --backend/--precision", "; ".join(skipped) or None)
+    subjects, parities = [], []
+    with report.progress() as bar:
+        task = bar.add_task("export", total=None)
+        for index in range(2 if vs else 1):
+            if index == 1:
+                refs.append(_vs_reference(vs, subjects[0].manifest.spec))
+            ref_model, spec_options = refs[index]
+            bar.update(task, description=f"export {ref_model or spec_options[0]}")
+            _, manifest = export_for(ref_model, spec_options, tuple(formats) or ("onnx",), None, None, 128, "minmax")
+            rows = count_layers(manifest.spec)
+            subjects.append(Subject(manifest, sum(r.params for r in rows), sum(r.macs for r in rows)))
+            if parity and formats:
+                bar.update(task, description=f"parity {manifest.data['model']}")
+                parities.append({r.artifact: r for r in parity_for(manifest, formats, None, threads, {})})
+            else:
+                parities.append({})
+        result = new_report(subjects, threads)
+        result.skipped = skipped
+        run_suite(subjects, keys, threads, batches, warmup, runs, parities, result, subjects[0].manifest.spec.input_size,
+                  on_step=lambda what: bar.update(task, description=f"timing {what}"))
+    if plot is not None:
+        report.plot_bench(result, plot)
+    if json_out:
+        report.print_json(result.rows)
+    else:
+        report.console.print(report.bench_table(result))
+        if result.ratios:
+            report.console.print(report.ratio_table(result))
