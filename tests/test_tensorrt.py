@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 from ulsam_deploy.errors import BackendUnavailable, StaleArtifactError, UlsamError
+from ulsam_deploy.export import FORMATS
 from ulsam_deploy.export.fp16 import to_fp16_onnx
 from ulsam_deploy.export.quantize import attention_nodes
 from ulsam_deploy.export.tensorrt import MAX_BATCH, TIMING_CACHE, engine_mismatch, gpu_info
@@ -28,13 +29,13 @@ NO_GPU_REASON = ("TensorRT is not installed (pip install 'ulsam-deploy[tensorrt]
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    """The pipeline's model.onnx and calibrated model.int8.onnx of the shipped reference model."""
+    """The pipeline's model.onnx and the calibrated symmetric Q/DQ ONNX TensorRT builds INT8 from."""
     from typer.testing import CliRunner
 
     from ulsam_deploy.cli import app
 
     out = tmp_path_factory.mktemp("trt") / "exp"
-    result = CliRunner().invoke(app, ["export", "--model", str(MODEL), "--formats", "onnx-int8", *CALIB,
+    result = CliRunner().invoke(app, ["export", "--model", str(MODEL), "--formats", "onnx-int8-trt", *CALIB,
                                       "--out", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     return out
@@ -65,7 +66,7 @@ def _axis(node) -> int:
 # --- (a) the INT8 source: TensorRT explicit quantization ---------------------------------------------
 
 def test_int8_qdq_meets_tensorrt_explicit_quantization_rules(export_dir):
-    model = onnx.load(str(export_dir / "model.int8.onnx"))
+    model = onnx.load(str(export_dir / FORMATS["onnx-int8-trt"].filename))
     assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 13   # per-axis Q/DQ
     inits, producers, consumers = _graph_maps(model)
     qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
@@ -205,7 +206,7 @@ def test_engines_record_where_they_were_built(engines, key):
     for field in ("tensorrt_version", "gpu", "compute_capability", "profile", "source", "strongly_typed"):
         assert field in entry, field
     assert entry["profile"]["max"][0] == MAX_BATCH and (engines / TIMING_CACHE).is_file()
-    assert entry["source"] == ("model.int8.onnx" if key == "trt-int8" else "model.onnx")
+    assert entry["source"] == FORMATS[FORMATS[key].needs[0]].filename
 
 
 @gpu_test

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from ..errors import UlsamError
 
 
+# Bumped whenever a producer's output changes, so that `export` rebuilds artifacts made by an older recipe.
+RECIPE = "2"
+
+
 @dataclass(frozen=True)
 class Format:
     name: str

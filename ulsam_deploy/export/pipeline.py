@@ -18,7 +18,7 @@ from ..runtime.base import EXTRAS
 from ..manifest import REFERENCE, Manifest, weights_sha256
 from ..nets import MobileNet, save_checkpoint
 from ..nets.build import sha256_file
-from . import FORMATS
+from . import FORMATS, RECIPE
 
 PRODUCERS = {"onnx": "ulsam_deploy.export.onnx", "onnx-int8": "ulsam_deploy.export.quantize",
              "litert": "ulsam_deploy.export.tflite", "tensorrt": "ulsam_deploy.export.tensorrt"}
@@ -81,7 +81,12 @@ def _is_current(manifest: Manifest, name: str, calib: dict | None) -> bool:
         manifest.verify_artifact(name)
     except StaleArtifactError:
         return False
-    return not FORMATS[name].calibrated or entry.get("calibration_sha256") == (calib or {}).get("sha256")
+    if entry.get("recipe") != RECIPE:
+        return False
+    if not FORMATS[name].calibrated:
+        return True
+    calib = calib or {}
+    return entry.get("calibration_sha256") == calib.get("sha256") and entry.get("calibration_method") == calib.get("method")
 
 
 def run_export(request: ExportRequest, out: Path) -> ExportResult:
@@ -107,8 +112,9 @@ def run_export(request: ExportRequest, out: Path) -> ExportResult:
             continue
         t0 = time.perf_counter()
         details = _produce(name, request, manifest, calib)
+        details["recipe"] = RECIPE
         if fmt.calibrated:
-            details["calibration_sha256"] = calib.sha256
+            details |= {"calibration_sha256": calib.sha256, "calibration_method": request.calib_method}
         entry = manifest.record(name, fmt.filename, fmt.precision, fmt.backend, time.perf_counter() - t0, **details)
         result.artifacts.append(ExportedArtifact(name, fmt.filename, fmt.precision, fmt.backend,
                                                  entry["size_bytes"] / 1e6, entry["seconds"], "built"))

@@ -2,8 +2,9 @@
 
 TensorRT >= 10.1 deprecates and 11 removes implicit calibration and the FP16/INT8 builder flags;
 TensorRT 11 networks are always strongly typed. So precision lives in the ONNX on both: the INT8
-engine is built from ``model.int8.onnx`` (explicit quantization, the same file ONNX Runtime runs) and
-the FP16 engine from a float16 copy of ``model.onnx`` (:mod:`.fp16`, ULSAM's attention path float32).
+engine is built from the symmetric Q/DQ ONNX (``onnx-int8-trt``: int8 zero points 0, per-channel
+weights, TensorRT's explicit quantization) and the FP16 engine from a float16 copy of ``model.onnx``
+made here (:mod:`.fp16`, ULSAM's attention path kept float32); the table in :mod:`.` names each source.
 The network is created STRONGLY_TYPED wherever the flag exists (TensorRT 10; ignored by 11), and the
 FP16/INT8 builder flags are set only where they exist and the network is not strongly typed.
 
@@ -110,18 +111,16 @@ def produce(name: str, manifest, target: Path, calib) -> dict:
     trt = require(f"format {name}")            # before anything is written
     directory = manifest.directory
     details = environment()
+    source = onnx_path = directory / FORMATS[FORMATS[name].needs[0]].filename
     with tempfile.TemporaryDirectory(prefix="ulsam-trt-") as work:
-        if FORMATS[name].precision == "fp16":
+        if FORMATS[name].precision == "fp16":      # the float32 ONNX, made float16 here
             import onnx
 
             from .fp16 import to_fp16_onnx
             from .quantize import attention_nodes
 
-            source = directory / FORMATS["onnx"].filename
             onnx_path = Path(work) / "model.fp16.onnx"
             details["fp16_onnx"] = to_fp16_onnx(source, onnx_path, attention_nodes(onnx.load(str(source))))
-        else:
-            source = onnx_path = directory / FORMATS["onnx-int8"].filename
         details["source"] = source.name
         plan, build = _build(trt, onnx_path, FORMATS[name].precision, manifest.spec.input_size,
                              directory / TIMING_CACHE)

@@ -1,0 +1,73 @@
+"""Structure and statistics of the benchmark (no timing is asserted)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from ulsam_deploy.bench import LatencyStats, interleaved, measure
+
+
+class _Sleeper:
+    name = "sleeper"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        return np.zeros((len(batch), 10), np.float32)
+
+    def close(self):
+        pass
+
+
+def test_latency_stats_percentiles():
+    stats = LatencyStats.from_samples([float(v) for v in range(1, 101)], warmup=3)
+    assert stats.p50_ms == pytest.approx(50.5) and stats.p90_ms == pytest.approx(90.1)
+    assert stats.p99_ms == pytest.approx(99.01) and stats.min_ms == 1.0 and stats.runs == 100
+    assert stats.throughput(8) == pytest.approx(8000 / 50.5)
+    with pytest.raises(ValueError):
+        LatencyStats.from_samples([], 0)
+
+
+def test_measure_and_interleave_call_counts():
+    x = np.zeros((2, 3, 8, 8), np.float32)
+    runner = _Sleeper()
+    stats = measure(runner, x, warmup=4, runs=20)
+    assert runner.calls == 24 and stats.runs == 20
+    a, b = _Sleeper(), _Sleeper()
+    sa, sb, ratio = interleaved(a, b, x, warmup=2, runs=30, rounds=5)
+    assert a.calls == b.calls == 32 and sa.runs == sb.runs == 30 and ratio.rounds == 5
+    assert ratio.low <= ratio.median <= ratio.high
+
+
+def test_bench_cli_rows_ratios_and_plot(cli, tmp_path):
+    plot = tmp_path / "b.png"
+    code, out, err = cli("bench", "--arch", "mv2", "--positions", "16,17", "--width", "0.5", "--num-classes", "10",
+                         "--input-size", "64", "--vs", "mv2", "--backend", "torch,onnxruntime", "--precision", "fp32",
+                         "--runs", "6", "--warmup", "1", "--threads", "1", "--batch", "1,2", "--plot", plot, "--json")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert len(rows) == 2 * 2 * 2        # 2 models x (torch, onnx) x 2 batches
+    for row in rows:
+        for key in ("model", "backend", "precision", "threads", "batch", "p50_ms", "p90_ms", "p99_ms", "throughput",
+                    "size_mb", "macs", "top1_agreement", "vs_ratio", "efficiency"):
+            assert key in row
+        assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] and row["threads"] == 1
+    first = [r for r in rows if r["model"] == "mv2-w0.5-ulsam-16-17-g4-c10-s64"]
+    second = [r for r in rows if r["model"] == "mv2-w0.5-c10-s64"]
+    assert len(first) == len(second) == 4 and first[0]["macs"] < second[0]["macs"]
+    assert first[0]["vs_ratio"] == pytest.approx(1 / second[0]["vs_ratio"])
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args,needle", [(["--backend", "cuda"], "--backend 'cuda'"),
+                                         (["--precision", "int4"], "--precision 'int4'"),
+                                         (["--batch", "0"], "--batch"), (["--batch", "1,x"], "--batch"),
+                                         (["--backend", "trt"], "TensorRT"), (["--plot", "out.jpg"], "--plot")])
+def test_bench_bad_options_one_line(cli, args, needle, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("bench", "--arch", "mv2", "--width", "0.5", "--input-size", "32", *args)
+    assert code == 2 and err.count("\n") == 1 and needle in err and out == ""
+    assert not (tmp_path / "runs").exists() or args[0] != "--backend"
