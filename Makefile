@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 EXTRAS ?= dev,tflite
 STAMP  := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast clean gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,7 @@ test-fast: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# On a machine with an NVIDIA GPU and TensorRT (pip install 'ulsam-deploy[tensorrt]'): engines, check, bench.
+gpu-check: install
+	bash scripts/gpu-check.sh

@@ -156,7 +156,8 @@ def test_trt_export_without_tensorrt_exits_2_and_writes_no_engine(export_dir, tm
         assert "pip install 'ulsam-deploy[tensorrt]'" in err and "https://pypi.nvidia.com" in err
     else:
         assert "GPU" in err
-    leftovers = [p.name for p in out.iterdir() if p.name.endswith(".part") or p.name in ("model_fp16.engine", TIMING_CACHE)]
+    leftovers = [p.name for p in out.iterdir()
+                 if p.name.endswith(".part") or p.name in ("model_fp16.engine", TIMING_CACHE)]
     assert leftovers == [] and "trt-fp16" not in Manifest.load(out).artifacts
 
 
@@ -173,7 +174,8 @@ def test_engine_mismatch_names_version_and_architecture():
     built = {"tensorrt_version": "10.8.0.43", "gpu": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
     assert engine_mismatch(built, dict(built)) is None
     assert engine_mismatch(built, built | {"gpu": "NVIDIA A100-PCIE-40GB"}) is None     # same architecture
-    reason = engine_mismatch(built, {"tensorrt_version": "10.9.0.34", "gpu": "NVIDIA H100", "compute_capability": "9.0"})
+    here = {"tensorrt_version": "10.9.0.34", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    reason = engine_mismatch(built, here)
     assert "TensorRT 10.8.0.43 (here 10.9.0.34)" in reason and "compute capability 8.0 (here 9.0)" in reason
     assert "A100" in reason
 

@@ -67,7 +67,8 @@ def to_fp16_onnx(src: Path, dst: Path, keep_float: list[str]) -> dict:
         model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise UlsamError(f"the float16 graph of {Path(src).name} is inconsistent: {str(exc).splitlines()[0][:200]}") from None
+        first = str(exc).splitlines()[0][:200]
+        raise UlsamError(f"the float16 graph of {Path(src).name} is inconsistent: {first}") from None
     with atomic_path(dst) as tmp:
         onnx.save(model, str(tmp))
     return {"converter": "ulsam_deploy.export.fp16 (onnx + numpy)", "io": "float32",

@@ -83,6 +83,14 @@ def _is_current(manifest: Manifest, name: str, calib: dict | None) -> bool:
         return False
     if entry.get("recipe") != RECIPE:
         return False
+    if FORMATS[name].backend == "tensorrt":
+        from .tensorrt import engine_mismatch, environment
+
+        try:
+            if engine_mismatch(entry, environment()):
+                return False      # built by another TensorRT or GPU architecture: rebuild here
+        except BackendUnavailable:
+            pass                  # produce() says what is missing
     if not FORMATS[name].calibrated:
         return True
     calib = calib or {}
@@ -94,6 +102,10 @@ def run_export(request: ExportRequest, out: Path) -> ExportResult:
     start = time.perf_counter()
     out = Path(out)
     weights = weights_sha256(request.model)
+    if any(FORMATS[n].backend == "tensorrt" for n in request.formats):
+        from .tensorrt import require
+
+        require("TensorRT export")    # fail before calibrating or writing anything
     manifest = _start_manifest(out, request, weights)
     result = ExportResult(str(out), request.model_name)
     calib: DataSet | None = None

@@ -4,7 +4,7 @@ TensorRT >= 10.1 deprecates and 11 removes implicit calibration and the FP16/INT
 TensorRT 11 networks are always strongly typed. So precision lives in the ONNX on both: the INT8
 engine is built from the symmetric Q/DQ ONNX (``onnx-int8-trt``: int8 zero points 0, per-channel
 weights, TensorRT's explicit quantization) and the FP16 engine from a float16 copy of ``model.onnx``
-made here (:mod:`.fp16`, ULSAM's attention path kept float32); the table in :mod:`.` names each source.
+made here (:mod:`.fp16`, ULSAM's attention path kept float32); each format's ``needs`` names its source.
 The network is created STRONGLY_TYPED wherever the flag exists (TensorRT 10; ignored by 11), and the
 FP16/INT8 builder flags are set only where they exist and the network is not strongly typed.
 
@@ -180,33 +180,37 @@ def _build(trt, onnx_path: Path, precision: str, input_size: int, cache_path: Pa
             if hasattr(trt.BuilderFlag, flag):
                 config.set_flag(getattr(trt.BuilderFlag, flag))
     image = network.get_input(0)
-    shapes = [(batch, 3, input_size, input_size) for batch in (MIN_BATCH, OPT_BATCH, MAX_BATCH)]
+    per_image = tuple(image.shape)[1:]
+    if any(d < 0 for d in per_image):    # only the batch axis is meant to be dynamic
+        per_image = (3, input_size, input_size)
+    shapes = [(batch, *per_image) for batch in (MIN_BATCH, OPT_BATCH, MAX_BATCH)]
     profile = builder.create_optimization_profile()
     profile.set_shape(image.name, *shapes)
     config.add_optimization_profile(profile)
-    reused = _attach_timing_cache(config, cache_path)
+    cache, reused = _attach_timing_cache(config, cache_path)     # must outlive the build
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise UlsamError(f"TensorRT could not build an engine from {onnx_path.name}: "
                          f"{'; '.join(logger.errors[-3:]) or 'no error reported'}")
     del parser
     with atomic_path(cache_path) as tmp:
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return bytes(plan), {"strongly_typed": strongly_typed, "input": image.name, "profile": {"min": list(shapes[0]), "opt": list(shapes[1]),
-                                                          "max": list(shapes[2])},
+        tmp.write_bytes(bytes(cache.serialize()))
+    profile_shapes = dict(zip(("min", "opt", "max"), (list(shape) for shape in shapes)))
+    return bytes(plan), {"strongly_typed": strongly_typed, "input": image.name, "profile": profile_shapes,
                          "workspace_bytes": WORKSPACE_BYTES, "timing_cache": cache_path.name,
                          "timing_cache_reused": reused}
 
 
-def _attach_timing_cache(config, cache_path: Path) -> bool:
-    """Attach the saved timing cache if it fits this TensorRT and GPU, else a fresh one; True if reused."""
+def _attach_timing_cache(config, cache_path: Path):
+    """(cache, reused): the saved timing cache if it fits this TensorRT and GPU, else a fresh one."""
     data = cache_path.read_bytes() if cache_path.is_file() else b""
     if data:
         try:
             cache = config.create_timing_cache(data)
             if cache is not None and config.set_timing_cache(cache, False):
-                return True
+                return cache, True
         except (RuntimeError, TypeError, ValueError):
             pass     # from another TensorRT or GPU, or damaged: start afresh
-    config.set_timing_cache(config.create_timing_cache(b""), False)
-    return False
+    cache = config.create_timing_cache(b"")
+    config.set_timing_cache(cache, False)
+    return cache, False
