@@ -17,6 +17,9 @@ class OnnxRuntimeRunner:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # Idle intra-op threads spin by default; with two sessions timed side by side the spinning
+        # pool of one steals the cores of the other (p50 doubled in an interleaved bench here).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
