@@ -192,3 +192,28 @@ def test_planted_constant_attention_fails_check(exported, cli, tmp_path):
     planted = _plant(out, tmp_path, flatten_attention)
     code, _, err = cli("check", "--export", planted, "--data", "digits", "--formats", "onnx")
     assert code == 1 and "max_abs" in err
+
+
+@pytest.mark.parametrize("kind", ["garbage-onnx", "truncated-onnx", "garbage-tflite", "truncated-tflite"])
+def test_corrupt_artifacts_are_refused_in_one_line(exported, cli, tmp_path, kind):
+    """An artifact whose manifest hash matches but whose bytes are not a model (a broken converter)."""
+    import shutil
+
+    _, out, _ = exported
+    copy = tmp_path / "corrupt"
+    shutil.copytree(out, copy)
+    manifest = Manifest.load(copy)
+    source = (copy / "model.onnx").read_bytes()
+    if kind.endswith("tflite"):
+        pytest.importorskip("ai_edge_litert")
+        key, name = "tflite-fp32", "model_fp32.tflite"
+        manifest.artifacts[key] = dict(manifest.artifacts["onnx"], file=name, backend="litert")
+        source = b"\x1c\x00\x00\x00TFL3" + bytes(range(256)) * 64
+    else:
+        key, name = "onnx", "model.onnx"
+    data = b"not a model at all " * 100 if kind.startswith("garbage") else source[: len(source) // 3]
+    (copy / name).write_bytes(data)
+    manifest.artifacts[key]["sha256"] = sha256_file(copy / name)
+    manifest.save()
+    code, out_text, err = cli("parity", "--export", copy, "--formats", key)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "cannot load" in err, err
