@@ -150,34 +150,41 @@ def test_tampered_artifact_is_refused(exported, cli, tmp_path):
     assert code == 2 and "does not match its manifest sha256" in err
 
 
-def _plant(out, tmp_path, mutate):
-    """Copy the export, change model.onnx with ``mutate``, and re-sign it in the manifest (a broken converter)."""
+def _plant(out, tmp_path, mutate, key="onnx"):
+    """Copy the export, change the artifact with ``mutate``, and re-sign it in the manifest (a broken converter)."""
     import shutil
 
     copy = tmp_path / "planted"
     shutil.copytree(out, copy)
-    model = onnx.load(str(copy / "model.onnx"))
-    mutate(model)
-    onnx.save(model, str(copy / "model.onnx"))
     manifest = Manifest.load(copy)
-    manifest.artifacts["onnx"]["sha256"] = sha256_file(copy / "model.onnx")
+    path = copy / manifest.artifacts[key]["file"]
+    model = onnx.load(str(path))
+    mutate(model)
+    onnx.save(model, str(path))
+    manifest.artifacts[key]["sha256"] = sha256_file(path)
     manifest.save()
     return copy
 
 
-def test_planted_weight_perturbation_fails_check(exported, cli, tmp_path):
+@pytest.mark.parametrize("key", ["onnx", "onnx-int8", "onnx-int8-trt"])
+def test_planted_weight_perturbation_fails_check(exported, cli, tmp_path, key):
     _, out, _ = exported
 
     def perturb(model):
+        # swap two classes in the head: the Gemm's weight (fp32 initializer, or the int8 one behind its DQ)
         head = next(n for n in model.graph.node if n.op_type == "Gemm")
-        init = next(i for i in model.graph.initializer if i.name == head.input[1])
+        producers = {o: n for n in model.graph.node for o in n.output}
+        name = head.input[1]
+        if name in producers:
+            name = producers[name].input[0]
+        init = next(i for i in model.graph.initializer if i.name == name)
         array = numpy_helper.to_array(init).copy()
-        array[0] += 0.05          # one row of the classifier: class 0's logit moves on every input
+        array[[0, 1]] = array[[1, 0]]
         init.CopyFrom(numpy_helper.from_array(array, init.name))
 
-    planted = _plant(out, tmp_path, perturb)
-    code, _, err = cli("check", "--export", planted, "--data", "digits", "--formats", "onnx")
-    assert code == 1 and "FAIL onnx" in err and "max_abs" in err
+    planted = _plant(out, tmp_path, perturb, key)
+    code, _, err = cli("check", "--export", planted, "--data", "digits", "--formats", key)
+    assert code == 1 and f"FAIL {key}" in err and ("max_abs" in err or "top1_agreement" in err)
 
 
 def test_planted_constant_attention_fails_check(exported, cli, tmp_path):

@@ -41,10 +41,12 @@ def sandbox(tmp_path_factory):
     return root, _bad_paths(root)
 
 
-def _assert_one_line_exit_2(code, out, err, value):
+def _assert_one_line_exit_2(code, out, err, value, option=None):
     assert code == 2, (value, out, err)
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert out == ""
+    if option is not None and len(value) < 40:   # the line names the bad value, or at least its option
+        assert value.strip() in err or option.lstrip("-").rstrip("s").replace("-", " ") in err.replace("-", " "), (option, err)
 
 
 @settings(max_examples=160, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -57,7 +59,7 @@ def test_fuzzed_spec_options(cli, sandbox, monkeypatch, command, option, data):
     if command == "build":
         args += ["--out", str(root / "never.safetensors")]
     code, out, err = cli(*args)
-    _assert_one_line_exit_2(code, out, err, value)
+    _assert_one_line_exit_2(code, out, err, value, option)
     assert not (root / "never.safetensors").exists() and not (root / "runs").exists()
 
 
@@ -75,6 +77,7 @@ def test_fuzzed_paths(cli, sandbox, monkeypatch, command, option, data):
         args += ["--arch", "mv2", "--input-size", "64", "--formats", "onnx-int8", "--out", str(root / "out")]
     code, out, err = cli(*args)
     _assert_one_line_exit_2(code, out, err, value)
+    assert Path(value).name in err or "runs" not in err, err
     assert not list(root.rglob("*.part"))
 
 
