@@ -31,9 +31,8 @@ def _manifest(export_dir, model, spec_options, formats, calib, calib_samples, ca
     from ..workflow import export_for
 
     if export_dir is not None:
-        return Manifest.load(export_dir), None
-    _, manifest = export_for(model, spec_options, formats, None, calib, calib_samples, calib_method)
-    return manifest, None
+        return Manifest.load(export_dir)
+    return export_for(model, spec_options, formats, None, calib, calib_samples, calib_method)[1]
 
 
 def export(arch: o.Arch = None, positions: o.Positions = None, groups: o.Groups = None, width: o.Width = None,
@@ -83,7 +82,7 @@ def _parity_command(export_dir, spec_options, model, formats, data, threads, cal
     from ..workflow import parity_for
 
     chosen = parse_formats(formats) if formats else None
-    manifest, _ = _manifest(export_dir, model, spec_options, chosen or DEFAULT_FORMATS, calib, calib_samples,
+    manifest = _manifest(export_dir, model, spec_options, chosen or DEFAULT_FORMATS, calib, calib_samples,
                             calib_method)
     given = model if export_dir is not None else None
     results = parity_for(manifest, list(chosen) if chosen else None, data, threads, overrides, given_model=given)
