@@ -14,6 +14,7 @@ from ..errors import InputFileError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 MAX_PIXELS = 40_000_000   # decompression-bomb guard: 40 MP, e.g. 8000 x 5000
 MIN_SIDE = 8
+DOCS = {"README", "LICENSE", "LICENCE", "NOTICE"}
 
 
 @dataclass
@@ -71,7 +72,7 @@ def scan_images(folder: Path, recursive: bool = False) -> ImageScan:
     scan = ImageScan()
     candidates = sorted(p for p in (folder.rglob("*") if recursive else folder.iterdir()) if p.is_file())
     for path in candidates:
-        if path.name.startswith("."):
+        if path.name.startswith(".") or path.stem.upper() in DOCS:   # a folder's own README/LICENSE
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             scan.skipped.append((path, "not an image file name"))
