@@ -61,12 +61,13 @@ def test_attention_float_recipe_is_at_least_as_close(tflite_export, cli):
     assert rows["tflite-int8"]["mean_abs"] <= rows["tflite-int8-plain"]["mean_abs"]
 
 
-def test_planted_head_swap_in_tflite_fails_check(tflite_export, cli, tmp_path):
-    """Swap two classes' rows of the classifier inside the fp32 .tflite flatbuffer: check must fail."""
+@pytest.mark.parametrize("key", ["tflite-fp32", "tflite-fp16", "tflite-int8"])
+def test_planted_head_swap_in_tflite_fails_check(tflite_export, cli, tmp_path, key):
+    """Swap two classes' rows of the classifier inside the .tflite flatbuffer: check must fail."""
     copy = tmp_path / "planted"
     shutil.copytree(tflite_export, copy)
     manifest = Manifest.load(copy)
-    path = copy / manifest.artifacts["tflite-fp32"]["file"]
+    path = copy / manifest.artifacts[key]["file"]
     data = bytearray(path.read_bytes())
     weights = _classifier_weights(path)
     rows = weights.reshape(10, -1)
@@ -76,21 +77,26 @@ def test_planted_head_swap_in_tflite_fails_check(tflite_export, cli, tmp_path):
     other = data.find(raw_1)
     data[start:start + len(raw_0)], data[other:other + len(raw_1)] = raw_1, raw_0
     path.write_bytes(bytes(data))
-    manifest.artifacts["tflite-fp32"]["sha256"] = __import__("ulsam_deploy.nets.build", fromlist=["x"]).sha256_file(path)
+    manifest.artifacts[key]["sha256"] = __import__("ulsam_deploy.nets.build", fromlist=["x"]).sha256_file(path)
     manifest.save()
-    code, _, err = cli("check", "--export", copy, "--formats", "tflite-fp32")
-    assert code == 1 and "top1_agreement" in err
+    code, _, err = cli("check", "--export", copy, "--formats", key)
+    assert code == 1 and f"FAIL {key}" in err and "top1_agreement" in err
 
 
 def _classifier_weights(path):
+    """The classifier's weight tensor as stored in the file (fp32, fp16 or int8 constant)."""
     from ai_edge_litert.interpreter import Interpreter
 
+    data = Path(path).read_bytes()
     interpreter = Interpreter(model_path=str(path))
     interpreter.allocate_tensors()
     for detail in interpreter.get_tensor_details():
-        if tuple(detail["shape"]) == (10, 1280):
-            try:
-                return interpreter.get_tensor(detail["index"])
-            except ValueError:
-                continue
+        if tuple(detail["shape"]) != (10, 1280):
+            continue
+        try:
+            tensor = interpreter.get_tensor(detail["index"])
+        except ValueError:
+            continue
+        if data.find(tensor[0].tobytes()) > 0:
+            return tensor
     raise AssertionError("classifier weights not found")
