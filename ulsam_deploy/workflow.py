@@ -16,16 +16,10 @@ from .spec import ModelSpec
 
 def checkpoint_metadata(path: Path) -> dict[str, str]:
     """The safetensors metadata of a model folder or checkpoint ({} for .pth files)."""
-    path = checkpoint_file(path)
-    if path.suffix != ".safetensors":
-        return {}
-    from safetensors import SafetensorError, safe_open
+    from .nets.build import read_safetensors
 
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except (SafetensorError, OSError) as exc:
-        raise InputFileError(f"{path} is not a readable safetensors file: {str(exc).splitlines()[0]}") from None
+    path = checkpoint_file(path)
+    return read_safetensors(path, tensors=False)[1] if path.suffix == ".safetensors" else {}
 
 
 def reference_model(path: Path, spec: ModelSpec | None = None) -> tuple[MobileNet, dict[str, str]]:

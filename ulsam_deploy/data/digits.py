@@ -42,7 +42,7 @@ def render(scan: np.ndarray, size: int) -> Image.Image:
 def load(split: str, size: int = 112) -> tuple[np.ndarray, np.ndarray]:
     """(images NCHW float32 normalised, labels int64) of ``split`` ('train' or 'test'), in a fixed order."""
     scans, labels = _split()[split]
-    prep = Preprocessing(size=size, crop_fraction=1.0)
+    prep = preprocessing(size)
     images = np.stack([prep(render(scan, size)) for scan in scans])
     images.setflags(write=False)
     return images, labels.astype(np.int64)

@@ -66,6 +66,13 @@ class _Reader:
         self.pos = 0
 
 
+def _method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[name]
+
+
 _RANGES: dict[tuple[str, str, str], tempfile.TemporaryDirectory] = {}
 
 
@@ -90,22 +97,20 @@ def calibrate(fp32_path: Path, calibration: np.ndarray, method: str, cache: Path
     same scales as MinMax. We run the calibrator ourselves with 2048 bins so the methods differ.
     """
     import onnx
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
     options = {"symmetric": False}   # raw ranges; each encoding symmetrises as it needs
     if method == "entropy":
         options |= {"num_bins": 2048, "num_quantized_bins": 128}
     elif method == "percentile":
         options |= {"num_bins": 2048, "percentile": 99.99}
-    calib_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                    "percentile": CalibrationMethod.Percentile}[method]
     model = onnx.load(str(fp32_path))
     dim = model.graph.input[0].type.tensor_type.shape.dim[0]
     batch = dim.dim_value if dim.dim_value > 0 else 16    # a static batch must be fed as it is
     with tempfile.TemporaryDirectory(prefix="ulsam-calib-") as work:
         calibrator = create_calibrator(Path(fp32_path), QUANTIZED_OPS,
                                        augmented_model_path=str(Path(work) / "augmented.onnx"),
-                                       calibrate_method=calib_method, extra_options=options)
+                                       calibrate_method=_method(method), extra_options=options)
         calibrator.collect_data(_Reader(model.graph.input[0].name, calibration, batch))
         save_tensors_data(calibrator.compute_data(), cache)
 
@@ -114,14 +119,12 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, meth
                   keep_attention_float: bool = True, encoding: str = "ort") -> dict:
     """Write the Q/DQ INT8 ONNX of ``fp32_path`` calibrated on ``calibration`` (NCHW float32)."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     if method not in METHODS:
         raise UlsamError(f"calibration method {method!r} is unknown", f"choose one of {', '.join(METHODS)}")
     model = onnx.load(str(fp32_path))
     float_nodes = attention_nodes(model) if keep_attention_float else []
-    calib_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                    "percentile": CalibrationMethod.Percentile}[method]
     if encoding not in ("ort", "tensorrt"):
         raise UlsamError(f"unknown INT8 encoding {encoding!r}")
     symmetric = encoding == "tensorrt"
@@ -135,7 +138,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, meth
                         op_types_to_quantize=QUANTIZED_OPS, per_channel=True, reduce_range=False,
                         activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                         weight_type=QuantType.QInt8, nodes_to_exclude=float_nodes,
-                        calibrate_method=calib_method, extra_options=extra, calibration_cache_path=str(cache))
+                        calibrate_method=_method(method), extra_options=extra, calibration_cache_path=str(cache))
         quantized = onnx.load(str(tmp))
         onnx.checker.check_model(quantized)
     ops = {}

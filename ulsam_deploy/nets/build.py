@@ -78,15 +78,21 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], ModelSpec | No
                          "use .safetensors (preferred) or .pth/.pt")
 
 
-def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], ModelSpec | None]:
+def read_safetensors(path: Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; tensors are skipped when ``tensors`` is False."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            state = {key: handle.get_tensor(key) for key in handle.keys()}
+            metadata = dict(handle.metadata() or {})
+            state = {key: handle.get_tensor(key) for key in handle.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputFileError(f"{path} is not a readable safetensors file: {str(exc).splitlines()[0]}") from None
+    return state, metadata
+
+
+def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], ModelSpec | None]:
+    state, metadata = read_safetensors(path)
     spec = ModelSpec.from_json(metadata["spec"]) if "spec" in metadata else None
     return state, spec
 
