@@ -1,4 +1,3 @@
-import pytest
 
 from ulsam_deploy.profile import paper_comparison, profile
 from ulsam_deploy.spec import ModelSpec

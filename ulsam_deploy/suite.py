@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from .bench import LatencyStats, Ratio, gemm_peak_gflops, interleaved, measure
+from .bench import LatencyStats, gemm_peak_gflops, interleaved, measure
 from .errors import BackendUnavailable, UlsamError
 from .export import FORMATS
 from .manifest import REFERENCE, Manifest
