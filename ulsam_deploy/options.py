@@ -43,9 +43,9 @@ def spec_for_model(model: Path | None, arch, positions, groups, width, num_class
     """The spec of ``--model`` if given (spec options must then agree with it), else from the options."""
     if model is None:
         return spec_from_options(arch, positions, groups, width, num_classes, input_size)
-    from .nets.build import load_checkpoint
+    from .nets.build import stored_spec
 
-    _, stored = load_checkpoint(model)
+    stored = stored_spec(model)
     if stored is None:
         return spec_from_options(arch, positions, groups, width, num_classes, input_size)
     requested = spec_from_options(arch, positions, groups, width, num_classes, input_size, stored=stored)

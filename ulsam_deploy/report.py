@@ -129,13 +129,14 @@ def plot_bench(result, path) -> None:
 
     from .fileio import atomic_path
 
-    labels = list(dict.fromkeys(f"{r.backend}\n{r.precision}" + (f"\nb{r.batch}" if r.batch != 1 else "")
-                                for r in result.rows))
+    def label(r) -> str:
+        return f"{r.backend}\n{r.precision}" + (f"\nb{r.batch}" if r.batch != 1 else "")
+
+    labels = list(dict.fromkeys(label(r) for r in result.rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 4.2))
     width = 0.8 / len(result.models)
     for i, model in enumerate(result.models):
-        rows = {f"{r.backend}\n{r.precision}" + (f"\nb{r.batch}" if r.batch != 1 else ""): r
-                for r in result.rows if r.model == model}
+        rows = {label(r): r for r in result.rows if r.model == model}
         xs = [j + (i - (len(result.models) - 1) / 2) * width for j, lab in enumerate(labels) if lab in rows]
         p50 = [rows[lab].p50_ms for lab in labels if lab in rows]
         p90 = [rows[lab].p90_ms - rows[lab].p50_ms for lab in labels if lab in rows]

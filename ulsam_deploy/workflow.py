@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .data import DataSet, digits
@@ -67,7 +68,6 @@ RUNS = Path("runs")
 
 def resolve_reference(model_path: Path | None, arch, positions, groups, width, num_classes, input_size):
     """(eager model, name, checkpoint record, dataset, preprocessing dict) for --model or spec options."""
-    from .data.preprocess import Preprocessing
     from .nets.build import sha256_file
     from .options import spec_for_model
 
@@ -83,8 +83,6 @@ def resolve_reference(model_path: Path | None, arch, positions, groups, width, n
     if dataset == "digits":
         prep = digits.preprocessing(spec.input_size).to_dict()
     else:
-        import json
-
         prep = json.loads(meta["preprocessing"]) if "preprocessing" in meta else Preprocessing(size=spec.input_size).to_dict()
     return net, name, {"path": str(model_path), "sha256": sha256_file(ckpt)}, dataset, prep
 

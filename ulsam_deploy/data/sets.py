@@ -71,13 +71,14 @@ def _schedule_crop(image: Image.Image, scale: float, anchor: str, flip: bool) ->
     return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else crop
 
 
-def folder_samples(folder: Path, prep: Preprocessing, count: int, source: str) -> DataSet:
-    """``count`` samples from a flat image folder via the crop/flip schedule."""
+def folder_samples(folder: Path, prep: Preprocessing, count: int | None, source: str) -> DataSet:
+    """``count`` samples (None: every one) from a flat image folder via the crop/flip schedule."""
     scan = scan_images(folder)
     if not scan.paths:
         reason = f" ({len(scan.skipped)} skipped, e.g. {scan.skipped[0][0].name}: {scan.skipped[0][1]})" if scan.skipped else ""
         raise InputFileError(f"no usable images in {folder}{reason}", "pass a folder of RGB/greyscale JPEG or PNG photos")
     available = len(scan.paths) * len(SCHEDULE)
+    count = available if count is None else count
     if count < 1 or count > available:
         raise InputFileError(f"--calib-samples {count} is outside 1..{available} for {folder} "
                              f"({len(scan.paths)} images x {len(SCHEDULE)} crops)", "lower it or add images")
@@ -129,9 +130,8 @@ def evaluation_set(source: str, size: int) -> DataSet:
         return DataSet("digits:test", images, labels, digits.preprocessing(size))
     prep = Preprocessing(size=size)
     if source == "photos":
-        return folder_samples(photos_dir(), prep, len(scan_images(photos_dir()).paths) * len(SCHEDULE), "photos")
+        return folder_samples(photos_dir(), prep, None, "photos")
     path = Path(source)
     if path.is_dir() and any(p.is_dir() for p in path.iterdir()):
         return labelled_folder(path, prep)
-    scan_count = len(scan_images(path).paths) * len(SCHEDULE)
-    return folder_samples(path, prep, max(scan_count, 1), str(path))
+    return folder_samples(path, prep, None, str(path))

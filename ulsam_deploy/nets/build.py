@@ -91,6 +91,16 @@ def read_safetensors(path: Path, tensors: bool = True) -> tuple[dict[str, torch.
     return state, metadata
 
 
+def stored_spec(path: Path) -> ModelSpec | None:
+    """The spec a checkpoint carries (safetensors metadata), read without loading its tensors."""
+    path = checkpoint_file(path)
+    if path.suffix.lower() != ".safetensors":
+        load_checkpoint(path)   # still refuses unreadable or unsafe files here
+        return None
+    metadata = read_safetensors(path, tensors=False)[1]
+    return ModelSpec.from_json(metadata["spec"]) if "spec" in metadata else None
+
+
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], ModelSpec | None]:
     state, metadata = read_safetensors(path)
     spec = ModelSpec.from_json(metadata["spec"]) if "spec" in metadata else None
