@@ -17,7 +17,7 @@ def test_one_short_epoch_lowers_the_loss():
     spec = ModelSpec.parse("mv2", "13", groups=4, width=0.5, num_classes=10, input_size=32)
     model = build_model(spec, seed=0)
     x, y = digits.load("train", 32)
-    subset = DataSet("digits:train[:512]", x[:512], y[:512], digits.preprocessing(32))
+    subset = DataSet("digits:train[:1024]", x[:1024], y[:1024], digits.preprocessing(32))
     probe_x, probe_y = torch.from_numpy(np.array(x[:128])), torch.from_numpy(y[:128])
 
     def probe_loss():
