@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 
 install: $(STAMP)
 
-MODEL  ?= models/mv2-ulsam-13-14-16-17-g4-digits
+MODEL  ?= models/mv2-ulsam-13-14-16-17-g4-fashion
+VS     ?= models/mv2-fashion
 
 demo: install
 	$(BIN)/ulsam-deploy profile --paper
@@ -25,7 +26,7 @@ demo: install
 	$(BIN)/ulsam-deploy evaluate --model $(MODEL)
 	$(BIN)/ulsam-deploy export --model $(MODEL) --formats cpu
 	$(BIN)/ulsam-deploy check --model $(MODEL) --formats cpu --threads 2
-	$(BIN)/ulsam-deploy bench --model $(MODEL) --vs models/mv2-digits --backend all --runs 50
+	$(BIN)/ulsam-deploy bench --model $(MODEL) --vs $(VS) --backend all --runs 50
 
 # pytest exits 5 when it collects nothing; that is reported, not treated as a crash.
 test: install

@@ -71,3 +71,39 @@ def test_bench_bad_options_one_line(cli, args, needle, tmp_path, monkeypatch):
     code, out, err = cli("bench", "--arch", "mv2", "--width", "0.5", "--input-size", "32", *args)
     assert code == 2 and err.count("\n") == 1 and needle in err and out == ""
     assert not (tmp_path / "runs").exists() or args[0] != "--backend"
+
+
+def test_int8_rows_are_measured_against_an_int8_peak():
+    from types import SimpleNamespace
+
+    from ulsam_deploy.bench import LatencyStats
+    from ulsam_deploy.suite import BenchReport, _row
+
+    report = BenchReport("cpu", 2, peak_gflops=100.0, models=["m"], peak_int8_gops=400.0)
+    subject = SimpleNamespace(name="m", params=1, macs=50_000_000)
+    stats = LatencyStats.from_samples([1.0] * 5, 0)   # 1 ms: 100 GOP/s achieved
+    fp32 = _row(subject, "onnx", "onnxruntime", "fp32", 1.0, stats, 2, 1, report, {})
+    int8 = _row(subject, "onnx-int8", "onnxruntime", "int8", 1.0, stats, 2, 1, report, {})
+    assert fp32.efficiency == pytest.approx(1.0) and int8.efficiency == pytest.approx(0.25)
+    assert _row(subject, "onnx", "onnxruntime", "fp32", 1.0, stats, 2, 1,
+                BenchReport("cpu", 2, 0.0, ["m"]), {}).efficiency is None
+
+
+def test_gemm_peaks_are_measured_per_precision():
+    from ulsam_deploy.peak import gemm_peak
+
+    fp32, int8 = gemm_peak(1, repeats=2), gemm_peak(1, int8=True, repeats=2)
+    assert fp32 > 0 and int8 > 0
+
+
+def test_bench_reads_an_export_directory_and_writes_no_runs_folder(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "exp"
+    code, _, err = cli("export", "--arch", "mv2", "--width", "0.35", "--num-classes", "10", "--input-size", "32",
+                       "--formats", "onnx", "--out", out)
+    assert code == 0, err
+    code, text, err = cli("bench", "--export", out, "--backend", "onnxruntime,torch", "--precision", "fp32",
+                          "--runs", "3", "--warmup", "1", "--threads", "1", "--no-parity", "--json")
+    assert code == 0, err
+    assert {r["artifact"] for r in json.loads(text)} == {"torch", "onnx"}
+    assert not (tmp_path / "runs").exists()

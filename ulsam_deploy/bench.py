@@ -78,20 +78,3 @@ def interleaved(a: Runner, b: Runner, batch: np.ndarray, warmup: int, runs: int,
     low, med, high = np.percentile(ratios, [10, 50, 90])
     return (LatencyStats.from_samples(all_a, warmup), LatencyStats.from_samples(all_b, warmup),
             Ratio(float(med), float(low), float(high), rounds))
-
-
-def gemm_peak_gflops(threads: int, size: int = 1024, repeats: int = 20) -> float:
-    """Achievable fp32 GFLOP/s of this CPU: best of ``repeats`` square matmuls (torch, ``threads`` threads)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        a, b = torch.randn(size, size), torch.randn(size, size)
-        for _ in range(3):
-            a @ b
-        best = min(time_calls(lambda: a @ b, repeats))
-    finally:
-        torch.set_num_threads(previous)
-    return 2.0 * size ** 3 / (best / 1000.0) / 1e9

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+
 import typer
 from typer.core import TyperGroup
 from typer.exceptions import Abort, TyperException
@@ -14,15 +16,28 @@ class OneLineErrors(TyperGroup):
     """Usage errors and UlsamErrors become one line on stderr and exit 2; no traceback."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        _terminate_like_interrupt()
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except UlsamError as exc:
             _fail(exc.one_line(), exc.exit_code)
         except TyperException as exc:  # usage errors: bad option values, unknown options
             _fail(exc.format_message(), exc.exit_code)
-        except Abort:
-            _fail("aborted", 130)
+        except (Abort, KeyboardInterrupt):   # Ctrl-C, or SIGTERM (see below), outside an export
+            _fail("interrupted; nothing is left half-written (finished artifacts are kept, re-run the command "
+                  "to resume)", 130)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _terminate_like_interrupt() -> None:
+    """SIGTERM unwinds like Ctrl-C, so temporary files and converter scratch folders are cleaned up."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:   # not the main thread (embedded use): leave signal handling to the host
+        pass
 
 
 def _fail(message: str, code: int) -> None:
@@ -34,10 +49,10 @@ app = typer.Typer(cls=OneLineErrors, add_completion=False, pretty_exceptions_ena
                   help="Build, profile, export, verify and benchmark MobileNet-V1/V2 with ULSAM.")
 
 
-from .commands import bench, deploy, model
+from .commands import bench, deploy, inspect, model
 
 for command in (model.profile, model.build, model.train, model.evaluate, deploy.export, deploy.parity, deploy.check,
-                bench.bench):
+                inspect.inspect, bench.bench):
     app.command()(command)
 
 

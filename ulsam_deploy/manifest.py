@@ -1,7 +1,9 @@
 """manifest.json of an export directory: what each artifact is, what it was made from, and its hash.
 
 Written atomically after every artifact, so it never names a file that is missing or incomplete.
-Parity, check and bench read it and refuse an artifact whose bytes no longer match.
+Read through one schema (:class:`ManifestModel`): a manifest that does not fit is refused in one line,
+and no file path in it may leave the export directory. Parity, check and bench refuse an artifact whose
+bytes no longer match. Writers and readers coordinate through :func:`locked` (one writer at a time).
 """
 
 from __future__ import annotations
@@ -9,12 +11,16 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator, Literal, Optional
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import InputFileError, StaleArtifactError
+from .errors import InputFileError, StaleArtifactError, UlsamError
 from .fileio import write_json_atomic
 from .nets.build import sha256_file
 from .spec import ModelSpec
@@ -22,6 +28,96 @@ from .spec import ModelSpec
 MANIFEST = "manifest.json"
 REFERENCE = "reference.safetensors"
 FORMAT_TAG = "ulsam-deploy-manifest/1"
+LOCK = ".manifest.lock"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _file_name(value: str) -> str:
+    """A file named by the manifest is a plain name inside the export directory, never a path."""
+    if not _FILE.fullmatch(value) or value in (MANIFEST, LOCK):
+        raise ValueError(f"{value!r} is not a file name inside the export directory")
+    return value
+
+
+def _sha(value: str) -> str:
+    if not _SHA256.fullmatch(value):
+        raise ValueError("not a sha256 hex digest")
+    return value
+
+
+class ArtifactEntry(BaseModel):
+    """One artifact; producers add their own details (recipe, calibration, node counts, I/O...)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    file: str
+    sha256: str
+    size_bytes: int = Field(ge=0, le=1 << 50)
+    precision: Literal["fp32", "fp16", "int8"]
+    backend: Literal["onnxruntime", "litert", "tensorrt"]
+    seconds: float = Field(ge=0, le=1e9, allow_inf_nan=False)
+    recipe: Optional[str] = None
+
+    @field_validator("file")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _file_name(value)
+
+    @field_validator("sha256")
+    @classmethod
+    def _hash(cls, value: str) -> str:
+        return _sha(value)
+
+
+class ManifestModel(BaseModel):
+    """The whole manifest.json; unknown top-level keys are kept (newer writers may add some)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    format: Literal["ulsam-deploy-manifest/1"]
+    model: str = Field(min_length=1, max_length=500)
+    spec: dict[str, Any]
+    weights_sha256: str
+    reference: Literal["reference.safetensors"] = REFERENCE
+    reference_sha256: Optional[str] = None
+    checkpoint: dict[str, Any] = {}
+    preprocessing: dict[str, Any]
+    dataset: Optional[str] = None
+    calibration: Optional[dict[str, Any]] = None
+    promised: list[str] = []
+    artifacts: dict[str, ArtifactEntry]
+
+    @field_validator("weights_sha256", "reference_sha256")
+    @classmethod
+    def _hashes(cls, value: str | None) -> str | None:
+        return value if value is None else _sha(value)
+
+    @field_validator("spec")
+    @classmethod
+    def _spec(cls, value: dict) -> dict:
+        try:
+            ModelSpec.from_dict(value)
+        except UlsamError as exc:
+            raise ValueError(exc.message) from None
+        return value
+
+    @field_validator("artifacts")
+    @classmethod
+    def _known_formats(cls, value: dict) -> dict:
+        from .export import FORMATS
+
+        for key, entry in value.items():
+            fmt = FORMATS.get(key)
+            if fmt is None:
+                raise ValueError(f"unknown artifact format {key!r}")
+            if entry.file != fmt.filename:
+                raise ValueError(f"artifact {key!r} must be {fmt.filename}, not {entry.file!r}")
+        return value
+
+
+def _one_line(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "top level"
+    return f"{where}: {first['msg']}" + (f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else "")
 
 
 def weights_sha256(model) -> str:
@@ -58,26 +154,47 @@ class Manifest:
         data = {"format": FORMAT_TAG, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "model": model_name, "spec": spec.to_dict(), "weights_sha256": weights, "checkpoint": checkpoint,
                 "reference": REFERENCE, "preprocessing": preprocessing, "dataset": dataset,
-                "calibration": None, "versions": tool_versions(), "artifacts": {}}
+                "calibration": None, "versions": tool_versions(), "promised": [], "artifacts": {}}
         return cls(Path(directory), data)
 
     @classmethod
     def load(cls, directory: Path) -> "Manifest":
+        """Read and validate ``directory/manifest.json``; anything that does not fit the schema is refused."""
         directory = Path(directory)
-        path = directory / MANIFEST
-        if not directory.is_dir():
-            raise InputFileError(f"export directory {directory} does not exist", "run `ulsam-deploy export` first")
-        if not path.is_file():
-            raise InputFileError(f"{directory} has no {MANIFEST}", "pass an export directory made by `ulsam-deploy export`")
+        data = _read_json(directory)
         try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputFileError(f"{path} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT_TAG or not isinstance(data.get("artifacts"), dict):
-            raise InputFileError(f"{path} is not an ulsam-deploy manifest")
+            ManifestModel.model_validate(data)
+        except ValidationError as exc:
+            raise InputFileError(f"{directory / MANIFEST} is not a valid manifest: {_one_line(exc)}",
+                                 "re-run `ulsam-deploy export` to rebuild the directory") from None
+        except UlsamError as exc:
+            raise InputFileError(f"{directory / MANIFEST}: {exc.message}", "re-run `ulsam-deploy export`") from None
         return cls(directory, data)
 
+    @classmethod
+    def salvage(cls, directory: Path) -> "Manifest | None":
+        """For a writer: the manifest with every artifact entry that no longer fits the schema dropped
+        (so it is rebuilt), or None when the manifest itself is unusable (start afresh)."""
+        try:
+            data = _read_json(Path(directory))
+        except InputFileError:
+            return None
+        artifacts = data.get("artifacts") if isinstance(data.get("artifacts"), dict) else {}
+        kept = {}
+        for key, entry in artifacts.items():
+            try:
+                ManifestModel.model_validate(data | {"artifacts": {key: entry}})
+                kept[key] = entry
+            except (ValidationError, UlsamError):
+                continue
+        try:
+            ManifestModel.model_validate(data | {"artifacts": kept})
+        except (ValidationError, UlsamError):
+            return None
+        return cls(Path(directory), data | {"artifacts": kept})
+
     def save(self) -> None:
+        ManifestModel.model_validate(self.data)   # never write what a reader would refuse
         write_json_atomic(self.directory / MANIFEST, self.data)
 
     # --- views ------------------------------------------------------------------------------------
@@ -88,6 +205,15 @@ class Manifest:
     @property
     def artifacts(self) -> dict[str, dict]:
         return self.data["artifacts"]
+
+    @property
+    def promised(self) -> list[str]:
+        """Formats an export into this directory was asked for (built or not)."""
+        return list(self.data.get("promised") or [])
+
+    def promise(self, formats) -> None:
+        self.data["promised"] = list(dict.fromkeys(self.promised + list(formats)))
+        self.save()
 
     def record(self, key: str, filename: str, precision: str, backend: str, seconds: float, **details) -> dict:
         path = self.directory / filename
@@ -104,7 +230,7 @@ class Manifest:
         if entry is None:
             raise InputFileError(f"{self.directory} has no artifact {key!r}",
                                  f"it has: {', '.join(self.artifacts) or 'none'}")
-        path = self.directory / entry["file"]
+        path = self.directory / _file_name(entry["file"])
         if not path.is_file():
             raise StaleArtifactError(f"{path} named in the manifest is missing", "re-run `ulsam-deploy export`")
         if sha256_file(path) != entry["sha256"]:
@@ -120,3 +246,54 @@ class Manifest:
         if weights != self.data["weights_sha256"]:
             raise StaleArtifactError(f"{self.directory} was exported from other weights than {source} "
                                      "(the model changed after export)", "re-run `ulsam-deploy export`")
+
+
+def _read_json(directory: Path) -> dict:
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise InputFileError(f"export directory {directory} does not exist", "run `ulsam-deploy export` first")
+    if not path.is_file():
+        raise InputFileError(f"{directory} has no {MANIFEST}", "pass an export directory made by `ulsam-deploy export`")
+    try:
+        if path.stat().st_size > 16 << 20:
+            raise InputFileError(f"{path} is over 16 MB, not a manifest")
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise InputFileError(f"{path} is not valid JSON: {str(exc)[:120]}") from None
+    except OSError as exc:
+        raise InputFileError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_TAG:
+        raise InputFileError(f"{path} is not an ulsam-deploy manifest")
+    return data
+
+
+@contextmanager
+def locked(directory: Path, mode: Literal["read", "write"]) -> Iterator[None]:
+    """Hold the export directory's inter-process lock: one writer, or any number of readers.
+
+    A reader of a directory it cannot write to (read-only media, someone else's files) reads without
+    the lock: nobody can be exporting into it either.
+    """
+    from filelock import ReadWriteLock
+
+    path = Path(directory) / LOCK
+    try:
+        lock = ReadWriteLock(str(path), is_singleton=False)
+        context = lock.write_lock() if mode == "write" else lock.read_lock()
+        context.__enter__()
+    except Exception as exc:   # sqlite3/OS errors: the lock file cannot be created or opened
+        if mode == "read" and not _writable(Path(directory)):
+            yield
+            return
+        raise InputFileError(f"cannot lock {directory}: {str(exc).splitlines()[0][:160]}") from None
+    try:
+        yield
+    finally:
+        context.__exit__(None, None, None)
+        lock.close()
+
+
+def _writable(directory: Path) -> bool:
+    import os
+
+    return os.access(directory, os.W_OK)

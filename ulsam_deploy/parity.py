@@ -1,17 +1,20 @@
 """Parity: an artifact's Runner against the eager fp32 reference on the same preprocessed batches.
 
-Thresholds live in one table (:data:`THRESHOLDS`), by precision with backend-specific rows where a
-backend's issue set them differently; ``check`` applies them and fails naming each breached metric.
+Metrics accumulate online (:class:`ParityAccumulator`), batch by batch, so a data set of any size is
+compared in bounded memory; :func:`compare` is the same statistics on whole arrays. Thresholds live in
+one table (:data:`THRESHOLDS`), by precision with backend-specific rows where a backend needs it;
+``check`` applies them and fails naming each breached metric.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable
 
 import numpy as np
 
-from .data import DataSet
-from .runtime import Runner, run_batched
+from .runtime import Runner
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,10 @@ class ParityResult:
     accuracy: float | None = None            # percent, when the data are labelled
     reference_accuracy: float | None = None
     accuracy_delta: float | None = None      # points (artifact - reference)
+    skipped: int = 0                         # data files that could not be used
+    skipped_reasons: list[str] = field(default_factory=list)   # the first few, "file: reason"
+    seconds: float = 0.0                     # time in this artifact's runner
+    reference_cached: bool = False           # eager logits read from the export directory's cache
     breaches: list[str] = field(default_factory=list)
     passed: bool = True
 
@@ -102,11 +109,86 @@ def judge(result: ParityResult, limits: Thresholds) -> ParityResult:
     return result
 
 
-def run_parity(artifact: str, backend: str, precision: str, runner: Runner, reference_logits: np.ndarray,
-               data: DataSet, limits: Thresholds, batch: int = 32) -> ParityResult:
-    """Run ``runner`` over ``data`` and judge it against ``reference_logits``."""
-    logits = run_batched(runner, data.images, batch)
-    stats = compare(logits, reference_logits, data.labels)
-    result = ParityResult(artifact=artifact, backend=backend, precision=precision, count=data.count,
-                          data=data.source, **stats)
-    return judge(result, limits)
+class ParityAccumulator:
+    """The statistics of :func:`compare`, accumulated batch by batch in float64 (memory O(classes))."""
+
+    def __init__(self) -> None:
+        self.n = self.top1 = self.top5 = self.correct = self.ref_correct = 0
+        self.labelled = True
+        self.cos_sum, self.cos_min, self.max_abs, self.abs_sum, self.values = 0.0, np.inf, 0.0, 0.0, 0
+        self.ref_max, self.ref_min = -np.inf, np.inf
+
+    def update(self, logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> None:
+        logits, reference = logits.astype(np.float64), reference.astype(np.float64)
+        k = min(5, reference.shape[1])
+        top_ref = np.argsort(-reference, axis=1)[:, :k]
+        top_out = np.argsort(-logits, axis=1)[:, :k]
+        diff = np.abs(logits - reference)
+        norms = np.linalg.norm(logits, axis=1) * np.linalg.norm(reference, axis=1)
+        cosine = np.where(norms > 0, (logits * reference).sum(1) / np.maximum(norms, 1e-30), 1.0)
+        self.n += len(logits)
+        self.top1 += int((top_ref[:, 0] == top_out[:, 0]).sum())
+        self.top5 += int((np.sort(top_ref, 1) == np.sort(top_out, 1)).all(1).sum())
+        self.cos_sum += float(cosine.sum())
+        self.cos_min = min(self.cos_min, float(cosine.min()))
+        self.max_abs = max(self.max_abs, float(diff.max()))
+        self.abs_sum += float(diff.sum())
+        self.values += diff.size
+        self.ref_max, self.ref_min = max(self.ref_max, float(reference.max())), min(self.ref_min, float(reference.min()))
+        if labels is None:
+            self.labelled = False
+        else:
+            self.correct += int((top_out[:, 0] == labels).sum())
+            self.ref_correct += int((top_ref[:, 0] == labels).sum())
+
+    def result(self) -> dict:
+        """The same keys and values as :func:`compare` on the concatenated batches."""
+        if self.n == 0:
+            raise ValueError("no samples were compared")
+        stats = {"top1_agreement": self.top1 / self.n * 100, "top5_agreement": self.top5 / self.n * 100,
+                 "cosine_mean": self.cos_sum / self.n, "cosine_min": self.cos_min, "max_abs": self.max_abs,
+                 "mean_abs": self.abs_sum / self.values, "logit_range": self.ref_max - self.ref_min}
+        if self.labelled:
+            acc, ref_acc = self.correct / self.n * 100, self.ref_correct / self.n * 100
+            stats |= {"accuracy": acc, "reference_accuracy": ref_acc, "accuracy_delta": acc - ref_acc}
+        return stats
+
+
+@dataclass
+class PassTimes:
+    """Where the time of one pass over the data went, seconds."""
+
+    images: int = 0
+    wall: float = 0.0
+    decode_wait: float = 0.0
+    reference: float = 0.0
+    reference_cached: bool = False
+    artifacts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.wall if self.wall > 0 else 0.0
+
+
+def compare_stream(batches: Iterable, reference: Callable[[np.ndarray], np.ndarray], runners: dict[str, Runner],
+                   on_batch: Callable[[int], None] | None = None) -> tuple[dict[str, ParityAccumulator], PassTimes]:
+    """One pass: each batch (``.images``, ``.labels``) goes through ``reference`` and every runner.
+
+    ``reference(images)`` returns the eager logits of the batch (computed or read from a cache)."""
+    accumulators = {name: ParityAccumulator() for name in runners}
+    times = PassTimes(artifacts={name: 0.0 for name in runners})
+    start = time.perf_counter()
+    for batch in batches:
+        t0 = time.perf_counter()
+        ref = reference(batch.images)
+        times.reference += time.perf_counter() - t0
+        for name, runner in runners.items():
+            t0 = time.perf_counter()
+            logits = runner(np.ascontiguousarray(batch.images, np.float32))
+            times.artifacts[name] += time.perf_counter() - t0
+            accumulators[name].update(logits, ref, batch.labels)
+        times.images += len(batch.images)
+        if on_batch:
+            on_batch(len(batch.images))
+    times.wall = time.perf_counter() - start
+    return accumulators, times

@@ -90,26 +90,50 @@ def _pct(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def parity_table(results, directory: str) -> Table:
+def parity_table(run) -> Table:
+    """A :class:`~ulsam_deploy.verify.ParityRun`: one row per artifact, missing ones as FAIL rows."""
     rows = [(r.artifact, r.backend, r.precision, _pct(r.top1_agreement), _pct(r.top5_agreement),
              _pct(r.accuracy), "-" if r.accuracy_delta is None else f"{r.accuracy_delta:+.2f}",
              f"{r.cosine_mean:.6f}", f"{r.cosine_min:.6f}", f"{r.max_abs:.2e}", f"{r.mean_abs:.2e}",
-             "pass" if r.passed else "FAIL: " + "; ".join(r.breaches)) for r in results]
-    data = results[0].data + f" ({results[0].count} images)" if results else ""
-    return table(f"Parity vs eager fp32 - {directory} - {data}",
+             "pass" if r.passed else "FAIL: " + "; ".join(r.breaches)) for r in run.results]
+    rows += [(name, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "FAIL: missing (not built)") for name in run.missing]
+    count = run.results[0].count if run.results else 0
+    skipped = (f", {run.skipped} skipped: " + "; ".join(run.skipped_reasons)
+               + (" ..." if run.skipped > len(run.skipped_reasons) else "")) if run.skipped else ""
+    return table(f"Parity vs eager fp32 - {run.directory} - {run.data} ({count} images{skipped})",
                  ("artifact", "backend", "precision", "top-1 agr %", "top-5 agr %", "acc %", "acc delta",
-                  "cos mean", "cos min", "max abs", "mean abs", "status"), rows)
+                  "cos mean", "cos min", "max abs", "mean abs", "status"), rows, caption=_times(run.times))
+
+
+def _times(t) -> str | None:
+    if not t.images:
+        return None
+    parts = [f"{t.images} images in {t.wall:.1f} s ({t.images_per_second:.0f} img/s)",
+             f"waiting for decode {t.decode_wait:.1f} s",
+             "reference: cached logits" if t.reference_cached else f"reference (eager) {t.reference:.1f} s"]
+    parts += [f"{name} {seconds:.1f} s" for name, seconds in t.artifacts.items()]
+    return "; ".join(parts)
 
 
 def bench_table(result) -> Table:
     rows = [(r.model, r.backend, r.precision, r.batch, f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}",
              f"{r.throughput:.1f}", f"{r.size_mb:.2f}", f"{r.macs / 1e6:.1f}", f"{r.gflops:.1f}",
-             f"{r.efficiency * 100:.1f}", _pct(r.top1_agreement),
+             _efficiency(r.efficiency), _pct(r.top1_agreement),
              "-" if r.accuracy_delta is None else f"{r.accuracy_delta:+.2f}") for r in result.rows]
-    caption = (f"CPU: {result.cpu}; {result.threads} threads; measured fp32 GEMM peak {result.peak_gflops:.1f} GFLOP/s"
+    over = any(r.efficiency is not None and r.efficiency > 1.0 for r in result.rows)
+    caption = (f"CPU: {result.cpu}; {result.threads} threads; measured GEMM peak fp32 {result.peak_gflops:.1f} GFLOP/s, "
+               f"INT8 {result.peak_int8_gops:.1f} GOP/s (eff % of int8 rows is against the INT8 peak)"
+               + ("; '!' = efficiency over 100 %: the peak was under-measured (machine busy, or the backend has a "
+                  "faster kernel path than the GEMM probe) - do not read those rows' efficiency" if over else "")
                + ("; skipped: " + "; ".join(result.skipped) if result.skipped else ""))
     return table("Benchmark", ("model", "backend", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s",
                                "MB", "MMACs", "GFLOP/s", "eff %", "top-1 agr %", "acc delta"), rows, caption=caption)
+
+
+def _efficiency(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 100:.1f}" + ("!" if value > 1.0 else "")
 
 
 def ratio_table(result) -> Table:

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from .bench import LatencyStats, gemm_peak_gflops, interleaved, measure
+from .bench import LatencyStats, interleaved, measure
 from .errors import BackendUnavailable, UlsamError
 from .export import FORMATS
 from .manifest import REFERENCE, Manifest
@@ -38,7 +38,7 @@ class BenchRow:
     params: int
     macs: int                  # per image, direct count
     gflops: float              # achieved: 2 * MACs * batch / p50
-    efficiency: float          # gflops / machine peak
+    efficiency: float | None   # gflops / the machine's peak of this precision (fp32 GEMM; INT8 GEMM for int8)
     top1_agreement: float | None = None
     accuracy_delta: float | None = None
     vs_ratio: float | None = None      # with --vs: p50(this) / p50(the other model), interleaved rounds
@@ -59,8 +59,9 @@ class RatioRow:
 class BenchReport:
     cpu: str
     threads: int
-    peak_gflops: float
+    peak_gflops: float                 # fp32 GEMM, best of several shapes (torch, ORT)
     models: list[str]
+    peak_int8_gops: float = 0.0        # INT8 GEMM (ORT MatMulInteger u8 x s8)
     rows: list[BenchRow] = field(default_factory=list)
     ratios: list[RatioRow] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
@@ -135,12 +136,12 @@ def _runners(subject: Subject, key: str, threads: int):
 
 
 def _row(subject: Subject, key: str, backend: str, precision: str, size_mb: float, stats: LatencyStats,
-         threads: int, batch: int, peak: float, parity: dict) -> BenchRow:
+         threads: int, batch: int, report: "BenchReport", parity: dict) -> BenchRow:
     gflops = 2.0 * subject.macs * batch / (stats.p50_ms / 1000.0) / 1e9
     agreement = parity.get(key)
     return BenchRow(subject.name, backend, precision, key, threads, batch, stats.p50_ms, stats.p90_ms, stats.p99_ms,
                     stats.mean_ms, stats.throughput(batch), size_mb, subject.params, subject.macs, gflops,
-                    gflops / peak if peak else 0.0,
+                    _efficiency(gflops, report.peak_int8_gops if precision == "int8" else report.peak_gflops),
                     100.0 if key == "torch" else (agreement.top1_agreement if agreement else None),
                     0.0 if key == "torch" and parity else (agreement.accuracy_delta if agreement else None))
 
@@ -169,7 +170,7 @@ def run_suite(subjects: list[Subject], keys: list[str], threads: int, batches: l
                     runner.close()
             for index, (subject, (_, size_mb, backend, precision), st, par) in enumerate(
                     zip(subjects, opened, stats, parity)):
-                row = _row(subject, key, backend, precision, size_mb, st, threads, batch, report.peak_gflops, par)
+                row = _row(subject, key, backend, precision, size_mb, st, threads, batch, report, par)
                 if report.ratios and len(subjects) == 2:
                     row.vs_ratio = report.ratios[-1].ratio if index == 0 else 1.0 / report.ratios[-1].ratio
                 report.rows.append(row)
@@ -179,4 +180,11 @@ def run_suite(subjects: list[Subject], keys: list[str], threads: int, batches: l
 def new_report(subjects: list[Subject], threads: int) -> BenchReport:
     if not subjects:
         raise UlsamError("nothing to benchmark")
-    return BenchReport(cpu_name(), threads, gemm_peak_gflops(threads), [s.name for s in subjects])
+    from .peak import gemm_peak
+
+    return BenchReport(cpu_name(), threads, gemm_peak(threads), [s.name for s in subjects],
+                       peak_int8_gops=gemm_peak(threads, int8=True))
+
+
+def _efficiency(gops: float, peak: float) -> float | None:
+    return gops / peak if peak > 0 else None

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .data import DataSet
-from .nets import MobileNet, save_checkpoint
+from .nets import ULSAM, MobileNet, save_checkpoint
 from .nets.build import sha256_file
 
 
@@ -30,6 +30,8 @@ class TrainConfig:
     schedule: str = "cosine"      # "cosine" or "step" (x0.1 at 1/2 and 3/4 of the epochs)
     seed: int = 0
     max_shift: int = 8            # random translation augmentation, pixels
+    hflip: bool = False           # random horizontal flips (for data where a mirror image is the same class)
+    freeze_backbone_epochs: int = 0   # first epochs that train only the ULSAMs and the classifier
 
 
 @dataclass
@@ -106,6 +108,7 @@ def train(model: MobileNet, train_set: DataSet, config: TrainConfig, test_set: D
     start = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         model.train()
+        _freeze_backbone(model, epoch <= config.freeze_backbone_epochs)
         order = torch.randperm(len(x_all), generator=gen)
         seen = correct = 0
         loss_sum = 0.0
@@ -114,6 +117,9 @@ def train(model: MobileNet, train_set: DataSet, config: TrainConfig, test_set: D
             if len(idx) < 2:   # BatchNorm needs more than one sample
                 continue
             x, y = _shift(x_all[idx], config.max_shift, gen), y_all[idx]
+            if config.hflip:
+                flip = torch.rand(len(x), generator=gen) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(3), x)
             logits = model(x)
             loss = loss_fn(logits, y)
             optimiser.zero_grad(set_to_none=True)
@@ -135,15 +141,26 @@ def train(model: MobileNet, train_set: DataSet, config: TrainConfig, test_set: D
     return result
 
 
+def _freeze_backbone(model: MobileNet, frozen: bool) -> None:
+    """Hold every layer but the ULSAMs (and the classifier): new modules first learn to fit a pretrained
+    backbone before it moves; its BatchNorm statistics stay those it was trained with meanwhile."""
+    for module in model.features:
+        if isinstance(module, ULSAM):
+            continue
+        module.requires_grad_(not frozen)
+        if frozen:
+            module.eval()
+
+
 def write_model_folder(model: MobileNet, folder: Path, dataset: str, preprocessing: dict, result: TrainResult,
-                       test: Accuracy, command: str) -> Path:
+                       test: Accuracy, command: str, data_description: str, origin: str | None = None) -> Path:
     """``folder/model.safetensors`` (spec, data and accuracy in the metadata) and ``folder/README.md``."""
     from .fileio import write_text_atomic
 
     spec = model.spec
     meta = {"dataset": dataset, "preprocessing": json.dumps(preprocessing),
             "test_top1": f"{test.top1:.2f}", "test_top5": f"{test.top5:.2f}", "test_count": str(test.count),
-            "train_config": json.dumps(asdict(result.config))}
+            "train_config": json.dumps(asdict(result.config)), **({"origin": origin} if origin else {})}
     checkpoint = save_checkpoint(model, Path(folder) / "model.safetensors", extra=meta)
     params = sum(p.numel() for p in model.parameters())
     history = "\n".join(f"| {e.epoch} | {e.loss:.4f} | {e.train_top1:.2f} | "
@@ -158,17 +175,16 @@ def write_model_folder(model: MobileNet, folder: Path, dataset: str, preprocessi
 | spec | `{spec.to_json()}` |
 | data | {dataset} |
 | test accuracy | top-1 **{test.top1:.2f} %**, top-5 {test.top5:.2f} % on {test.count} test images |
-| training time | {result.seconds:.0f} s on this repository's CI machine (2 CPU threads) |
+| training time | {result.seconds:.0f} s on this repository's CI machine ({torch.get_num_threads()} CPU thread(s)) |
 | checkpoint sha256 | `{sha256_file(checkpoint)}` |
 
-Data: scikit-learn's bundled handwritten digits (`sklearn.datasets.load_digits`, 1,797 real 8x8 scans,
-10 classes), split with `train_test_split(test_size=0.2, random_state=0, stratify=target)` into 1,437 train
-and 360 test images, each rendered to {spec.input_size}x{spec.input_size} RGB and normalised with
-`{json.dumps(preprocessing)}`.
+Data: {data_description}, normalised with `{json.dumps(preprocessing)}`.
+
+Initial weights: {origin or 'random (seed ' + str(result.config.seed) + ')'}.
 
 Training: SGD momentum {result.config.momentum}, weight decay {result.config.weight_decay}, lr {result.config.lr}
 with {result.config.schedule} decay, batch {result.config.batch_size}, {result.config.epochs} epochs,
-random shifts of up to {result.config.max_shift} px, seed {result.config.seed}.
+random shifts of up to {result.config.max_shift} px{', random horizontal flips' if result.config.hflip else ''}, seed {result.config.seed}{_frozen(result.config)}.
 
 Produced by:
 
@@ -182,3 +198,8 @@ Produced by:
 """
     write_text_atomic(Path(folder) / "README.md", card)
     return checkpoint
+
+
+def _frozen(config: TrainConfig) -> str:
+    n = config.freeze_backbone_epochs
+    return f"; backbone frozen for the first {n} epoch{'s' if n != 1 else ''}" if n else ""

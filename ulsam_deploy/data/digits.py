@@ -19,6 +19,8 @@ SPLIT_SEED = 0
 TEST_FRACTION = 0.2
 NUM_CLASSES = 10
 CLASS_NAMES = tuple(str(d) for d in range(10))
+DEFAULT_SIZE = 112
+HFLIP = False          # a mirrored digit is another symbol
 
 
 @lru_cache(maxsize=1)
@@ -50,3 +52,10 @@ def load(split: str, size: int = 112) -> tuple[np.ndarray, np.ndarray]:
 
 def preprocessing(size: int) -> Preprocessing:
     return Preprocessing(size=size, crop_fraction=1.0)
+
+
+def describe(size: int) -> str:
+    """Where the data come from and how they are rendered, for model cards."""
+    return ("scikit-learn's bundled handwritten digits (`sklearn.datasets.load_digits`, 1,797 real 8x8 scans, "
+            "10 classes), split with `train_test_split(test_size=0.2, random_state=0, stratify=target)` into 1,437 "
+            f"train and 360 test images, each rendered to {size}x{size} RGB")

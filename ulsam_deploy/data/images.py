@@ -25,8 +25,11 @@ class ImageScan:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def open_rgb(path: Path) -> Image.Image:
-    """Open ``path`` fully decoded as 8-bit RGB; raise InputFileError with the reason otherwise."""
+def open_rgb(path: Path, decode: bool = True) -> Image.Image:
+    """Open ``path`` fully decoded as 8-bit RGB; raise InputFileError with the reason otherwise.
+
+    With ``decode=False`` only the header is read and checked (size guards); the image is returned unloaded.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -37,6 +40,8 @@ def open_rgb(path: Path) -> Image.Image:
                                          "decompression-bomb guard")
                 if min(w, h) < MIN_SIDE:
                     raise InputFileError(f"{path.name} is {w}x{h} pixels, too small (min side {MIN_SIDE})")
+                if not decode:
+                    return image
                 image.load()
                 return _to_rgb(image)
     except InputFileError:
@@ -62,8 +67,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def scan_images(folder: Path, recursive: bool = False) -> ImageScan:
-    """All decodable images in ``folder`` (sorted by path); the rest counted in ``skipped``."""
+def scan_images(folder: Path, recursive: bool = False, decode: bool = True) -> ImageScan:
+    """All decodable images in ``folder`` (sorted by path); the rest counted in ``skipped``.
+
+    ``decode=False`` checks headers only (fast on large folders); a file that then fails to decode is
+    skipped, with its reason, by the stream that reads it."""
     folder = Path(folder)
     if not folder.exists():
         raise InputFileError(f"image folder {folder} does not exist")
@@ -78,7 +86,7 @@ def scan_images(folder: Path, recursive: bool = False) -> ImageScan:
             scan.skipped.append((path, "not an image file name"))
             continue
         try:
-            open_rgb(path).close()
+            open_rgb(path, decode).close()
         except InputFileError as exc:
             scan.skipped.append((path, exc.message))
             continue

@@ -1,10 +1,13 @@
-"""Data sets the tool feeds models: calibration arrays and evaluation sets, all deterministic.
+"""Data sets the tool feeds models: calibration arrays and evaluation streams, all deterministic.
 
 * ``photos`` - the shipped calibration photographs (``calibration/``), expanded by a fixed
   crop/flip schedule to >= 128 samples;
 * ``digits`` - the labelled reference set (``digits.py``): train split for calibration, test split
   for evaluation and parity;
 * a folder - flat (calibration, unlabelled parity) or ImageFolder ``DIR/<class>/*`` (labelled).
+
+Evaluation data are :class:`~.stream.Source` objects, decoded batch by batch (memory flat in the
+number of images); calibration samples, bounded by ``--calib-samples``, are collected into an array.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputFileError
-from . import digits
+from . import digits, fashion
 from .images import class_folders, open_rgb, scan_images
 from .preprocess import Preprocessing
+from .stream import Source, array_source, collect, files_fingerprint
 
 # (crop side as a fraction of the shorter side, anchor, horizontal flip); variant-major order so
 # that the first N samples spread over all photos.
@@ -31,6 +35,8 @@ SCHEDULE: tuple[tuple[float, str, bool], ...] = (
     (0.9, "c", True),
 )
 DEFAULT_CALIB_SAMPLES = 128
+# The labelled reference sets by name; each module has load(split, size), preprocessing(size), NUM_CLASSES.
+REFERENCE_SETS = {"digits": digits, "fashion": fashion}
 
 
 @dataclass(frozen=True)
@@ -71,9 +77,12 @@ def _schedule_crop(image: Image.Image, scale: float, anchor: str, flip: bool) ->
     return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else crop
 
 
-def folder_samples(folder: Path, prep: Preprocessing, count: int | None, source: str) -> DataSet:
-    """``count`` samples (None: every one) from a flat image folder via the crop/flip schedule."""
-    scan = scan_images(folder)
+def _flat_source(folder: Path, prep: Preprocessing, count: int | None, name: str) -> Source:
+    """``count`` samples (None: every one) of a flat image folder via the crop/flip schedule, variant-major.
+
+    Asked for a count (calibration), every image is decoded up front so exactly ``count`` samples come out;
+    otherwise only headers are read here and undecodable files are skipped by the stream."""
+    scan = scan_images(folder, decode=count is not None)
     if not scan.paths:
         reason = f" ({len(scan.skipped)} skipped, e.g. {scan.skipped[0][0].name}: {scan.skipped[0][1]})" if scan.skipped else ""
         raise InputFileError(f"no usable images in {folder}{reason}", "pass a folder of RGB/greyscale JPEG or PNG photos")
@@ -82,56 +91,112 @@ def folder_samples(folder: Path, prep: Preprocessing, count: int | None, source:
     if count < 1 or count > available:
         raise InputFileError(f"--calib-samples {count} is outside 1..{available} for {folder} "
                              f"({len(scan.paths)} images x {len(SCHEDULE)} crops)", "lower it or add images")
-    images = [open_rgb(p) for p in scan.paths]
-    out = []
-    for scale, anchor, flip in SCHEDULE:
-        for image in images:
-            if len(out) == count:
-                break
-            out.append(prep(_schedule_crop(image, scale, anchor, flip)))
-    array = np.stack(out)
-    array.setflags(write=False)
-    return DataSet(source, array, None, prep, skipped=len(scan.skipped))
+    paths = scan.paths
+
+    def load(i: int):
+        scale, anchor, flip = SCHEDULE[i // len(paths)]
+        with open_rgb(paths[i % len(paths)]) as image:
+            return prep(_schedule_crop(image, scale, anchor, flip)), None
+
+    source = Source(name, count, load, prep, False, files_fingerprint(paths, f"flat:{count}:{prep.to_dict()}"))
+    source.skipped = [(p.name, why) for p, why in scan.skipped]
+    source.describe_sample = lambda i: paths[i % len(paths)].name
+    return source
+
+
+def _labelled_source(root: Path, prep: Preprocessing) -> Source:
+    """ImageFolder layout; labels are class indices in sorted class-name order."""
+    classes = class_folders(root)
+    paths: list[Path] = []
+    labels: list[int] = []
+    skipped: list[tuple[str, str]] = []
+    for index, name in enumerate(classes):
+        scan = scan_images(Path(root) / name, decode=False)
+        skipped += [(f"{name}/{p.name}", why) for p, why in scan.skipped]
+        paths += scan.paths
+        labels += [index] * len(scan.paths)
+    if not paths:
+        raise InputFileError(f"no usable images under {root} ({len(skipped)} skipped)")
+
+    def load(i: int):
+        with open_rgb(paths[i]) as image:
+            return prep(image), labels[i]
+
+    source = Source(str(root), len(paths), load, prep, True,
+                    files_fingerprint(paths, f"labelled:{classes}:{prep.to_dict()}"), num_classes=len(classes))
+    source.skipped = skipped
+    source.describe_sample = lambda i: f"{paths[i].parent.name}/{paths[i].name}"
+    return source
+
+
+def _reference_source(name: str, split: str, size: int, model_prep: Preprocessing | None = None) -> Source:
+    module = REFERENCE_SETS[name]
+    own = module.preprocessing(size)
+    # the set's own rendering; the model's mean and std (a pretrained timm MobileNet-V1 wants 0.5, 0.5)
+    prep = own.with_normalisation_of(model_prep) if model_prep is not None else own
+    fingerprint = f"{name}:{split}:{size}:{prep.to_dict()}"
+    if name == "digits":   # 1,797 tiny scans: rendered once, held in memory
+        images, labels = digits.load(split, size)
+        images = prep.renormalise(images, own)
+        return array_source(f"digits:{split}", images, labels, prep, fingerprint, digits.NUM_CLASSES)
+    pixels, labels = module.raw(split)
+
+    def load(i: int):
+        return prep(module.render(pixels[i], size)), int(labels[i])
+
+    return Source(f"{name}:{split}", len(labels), load, prep, True, fingerprint, module.NUM_CLASSES)
+
+
+def evaluation_source(source: str, size: int, prep: Preprocessing | None = None) -> Source:
+    """What parity and evaluate stream: 'digits'/'fashion' (test split, labelled), 'photos', or a folder
+    (ImageFolder: labelled). ``prep`` is the model's recorded preprocessing (folders and photos; reference sets keep their
+    own rendering and take its mean and std)."""
+    if source in REFERENCE_SETS:
+        return _reference_source(source, "test", size, prep)
+    prep = prep or Preprocessing(size=size)
+    if source == "photos":
+        return _flat_source(photos_dir(), prep, None, "photos")
+    path = Path(source)
+    if path.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+        return _labelled_source(path, prep)
+    return _flat_source(path, prep, None, str(path))
+
+
+def calibration_source(source: str, size: int, count: int = DEFAULT_CALIB_SAMPLES,
+                       prep: Preprocessing | None = None) -> Source:
+    """Calibration samples: 'photos' (default), 'digits'/'fashion' (first ``count`` of the train split) or a folder."""
+    if source in REFERENCE_SETS:
+        full = _reference_source(source, "train", size, prep)
+        if count < 1 or count > full.count:
+            raise InputFileError(f"--calib-samples {count} is outside 1..{full.count} for {source}")
+        full.count = count
+        return full
+    prep = prep or Preprocessing(size=size)
+    if source == "photos":
+        return _flat_source(photos_dir(), prep, count, "photos")
+    return _flat_source(Path(source), prep, count, str(source))
+
+
+def _as_dataset(source: Source) -> DataSet:
+    images, labels, stats = collect(source)
+    images.setflags(write=False)
+    return DataSet(source.name, images, labels, source.preprocessing, skipped=stats.skipped)
+
+
+def calibration_set(source: str, size: int, count: int = DEFAULT_CALIB_SAMPLES,
+                    prep: Preprocessing | None = None) -> DataSet:
+    """The calibration samples as one array (bounded by ``count``)."""
+    return _as_dataset(calibration_source(source, size, count, prep))
+
+
+def evaluation_set(source: str, size: int, prep: Preprocessing | None = None) -> DataSet:
+    """A whole evaluation set in memory (small sets and training only; parity and evaluate stream)."""
+    return _as_dataset(evaluation_source(source, size, prep))
+
+
+def folder_samples(folder: Path, prep: Preprocessing, count: int | None, source: str) -> DataSet:
+    return _as_dataset(_flat_source(Path(folder), prep, count, source))
 
 
 def labelled_folder(root: Path, prep: Preprocessing) -> DataSet:
-    """ImageFolder layout; labels are class indices in sorted class-name order."""
-    images, labels, skipped = [], [], 0
-    for index, name in enumerate(class_folders(root)):
-        scan = scan_images(Path(root) / name)
-        skipped += len(scan.skipped)
-        for path in scan.paths:
-            images.append(prep(open_rgb(path)))
-            labels.append(index)
-    if not images:
-        raise InputFileError(f"no usable images under {root} ({skipped} skipped)")
-    array = np.stack(images)
-    array.setflags(write=False)
-    return DataSet(str(root), array, np.asarray(labels, np.int64), prep, skipped=skipped)
-
-
-def calibration_set(source: str, size: int, count: int = DEFAULT_CALIB_SAMPLES) -> DataSet:
-    """Calibration samples from 'photos' (default), 'digits' (train split) or a folder."""
-    if source == "digits":
-        images, _ = digits.load("train", size)
-        if count < 1 or count > len(images):
-            raise InputFileError(f"--calib-samples {count} is outside 1..{len(images)} for digits")
-        return DataSet("digits:train", images[:count], None, digits.preprocessing(size))
-    prep = Preprocessing(size=size)
-    if source == "photos":
-        return folder_samples(photos_dir(), prep, count, "photos")
-    return folder_samples(Path(source), prep, count, str(source))
-
-
-def evaluation_set(source: str, size: int) -> DataSet:
-    """What parity and evaluate run on: 'digits' (test split, labelled), 'photos', or a folder."""
-    if source == "digits":
-        images, labels = digits.load("test", size)
-        return DataSet("digits:test", images, labels, digits.preprocessing(size))
-    prep = Preprocessing(size=size)
-    if source == "photos":
-        return folder_samples(photos_dir(), prep, None, "photos")
-    path = Path(source)
-    if path.is_dir() and any(p.is_dir() for p in path.iterdir()):
-        return labelled_folder(path, prep)
-    return folder_samples(path, prep, None, str(path))
+    return _as_dataset(_labelled_source(Path(root), prep))

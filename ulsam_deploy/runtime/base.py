@@ -9,6 +9,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from ..errors import BackendUnavailable
+from ..extras import install_hint
 
 
 @runtime_checkable
@@ -28,7 +29,6 @@ RUNNERS = {
     "litert": "ulsam_deploy.runtime.litert:LiteRTRunner",
     "tensorrt": "ulsam_deploy.runtime.tensorrt:TensorRTRunner",
 }
-EXTRAS = {"litert": "tflite", "tensorrt": "tensorrt"}
 
 
 def runner_class(backend: str):
@@ -38,10 +38,10 @@ def runner_class(backend: str):
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        extra = EXTRAS.get(backend, "all")
         raise BackendUnavailable(f"the {backend} backend is not installed ({exc.name or exc})",
-                                 f"pip install 'ulsam-deploy[{extra}]'") from None
+                                 install_hint(backend)) from None
     return getattr(module, cls_name)
+
 
 
 def open_artifact(path: Path, backend: str, precision: str, threads: int = 0, **options) -> Runner:

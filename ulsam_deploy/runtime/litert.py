@@ -29,14 +29,21 @@ def _quiet_fd2():
         os.close(devnull)
 
 
+def open_interpreter(path: Path, threads: int = 0, **options) -> Interpreter:
+    """A LiteRT interpreter with tensors allocated; a file LiteRT refuses is one InputFileError."""
+    try:
+        with _quiet_fd2():
+            interpreter = Interpreter(model_path=str(path), num_threads=threads or None, **options)
+            interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        raise InputFileError(f"LiteRT cannot load {Path(path).name}: {str(exc).splitlines()[0][:200]}") from None
+    return interpreter
+
+
 class LiteRTRunner:
-    def __init__(self, path: Path, precision: str = "fp32", threads: int = 0):
-        try:
-            with _quiet_fd2():
-                self.interpreter = Interpreter(model_path=str(path), num_threads=threads or None)
-                self.interpreter.allocate_tensors()
-        except (ValueError, RuntimeError) as exc:
-            raise InputFileError(f"LiteRT cannot load {Path(path).name}: {str(exc).splitlines()[0][:200]}") from None
+    def __init__(self, path: Path, precision: str = "fp32", threads: int = 0, **options):
+        """``options`` go to the Interpreter (``inspect`` adds ``experimental_preserve_all_tensors``)."""
+        self.interpreter = open_interpreter(path, threads, **options)
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self.batch = int(self.input["shape"][0])

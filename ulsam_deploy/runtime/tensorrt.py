@@ -92,3 +92,19 @@ class TensorRTRunner:
         if getattr(self, "stream", None) is not None:
             self.stream.synchronize()
         self.context = self.engine = self._runtime = self.stream = None
+
+
+def engine_io(path: Path) -> dict:
+    """I/O tensors of a serialised engine (needs TensorRT, not a GPU context beyond deserialisation)."""
+    trt = require("reading a TensorRT engine")
+    engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(Path(path).read_bytes())
+    if engine is None:
+        raise InputFileError(f"TensorRT cannot deserialize {Path(path).name}")
+    tensors: dict[str, list] = {"inputs": [], "outputs": []}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        shape = [None if d < 0 else int(d) for d in engine.get_tensor_shape(name)]
+        kind = "inputs" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "outputs"
+        tensors[kind].append({"name": name, "shape": shape, "dtype": str(engine.get_tensor_dtype(name)).split(".")[-1].lower(),
+                              "layout": "NCHW" if len(shape) == 4 else None, "quantization": None})
+    return tensors
