@@ -82,3 +82,30 @@ def test_legal_lists_round_trip(items):
     spec = ModelSpec.parse("mv2", text, groups=1)
     assert parse_positions(spec.positions) == spec.placements
     assert len(spec.placements) == len(items)
+
+
+def test_activation_defaults_per_arch_and_is_part_of_the_spec():
+    assert ModelSpec.parse("mv1").activation == "relu" and ModelSpec.parse("mv2").activation == "relu6"
+    assert ModelSpec.parse("mv1") == ModelSpec.parse("mv1", activation="relu")
+    timm_mv1 = ModelSpec.parse("mv1", "", num_classes=10, activation="ReLU6")
+    assert timm_mv1.activation == "relu6" and timm_mv1.name == "mv1-relu6-c10"
+    assert ModelSpec.parse("mv2", activation="relu").name == "mv2-relu"
+    assert ModelSpec.from_json(timm_mv1.to_json()) == timm_mv1 and timm_mv1.to_dict()["activation"] == "relu6"
+    assert timm_mv1.vanilla().activation == "relu6"
+
+
+def test_a_stored_spec_without_activation_takes_the_arch_default():
+    assert ModelSpec.from_dict({"arch": "mv1", "positions": "8:1"}).activation == "relu"
+    assert ModelSpec.from_dict({"arch": "mv2"}).activation == "relu6"
+
+
+def test_another_arch_takes_its_own_activation():
+    assert ModelSpec.parse("mv1", activation="relu6").replace(arch="mv2").activation == "relu6"
+    assert ModelSpec.parse("mv2", activation="relu").replace(arch="mv1").activation == "relu"
+    assert ModelSpec.parse("mv1", activation="relu6").replace(width=0.5).activation == "relu6"
+
+
+@pytest.mark.parametrize("value", ["gelu", "relu7", "6"])
+def test_unknown_activation(value):
+    with pytest.raises(SpecError, match=f"activation '{value}' is unknown"):
+        ModelSpec.parse("mv2", activation=value)

@@ -43,7 +43,8 @@ def test_shipped_model_reproduces_its_card(folder, cli):
     code, out, err = cli("evaluate", "--model", folder, "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert result["count"] == 360 and result["data"] == "digits:test"
+    expected = {"digits": (360, "digits:test"), "fashion": (10_000, "fashion:test")}[folder.name.rsplit("-", 1)[1]]
+    assert (result["count"], result["data"]) == expected
     assert abs(result["top1"] - result["card_top1"]) <= 0.5
     assert f"{result['card_top1']:.2f} %" in (folder / "README.md").read_text()
     assert (folder / "model.safetensors").stat().st_size < 12e6
@@ -51,4 +52,5 @@ def test_shipped_model_reproduces_its_card(folder, cli):
 
 def test_every_required_reference_model_ships():
     names = {p.name for p in MODELS}
-    assert {"mv2-ulsam-13-14-16-17-g4-digits", "mv2-digits", "mv1-ulsam-8x1-9x1-11-g4-digits"} <= names
+    assert {"mv2-ulsam-13-14-16-17-g4-digits", "mv2-digits", "mv1-ulsam-8x1-9x1-11-g4-digits",
+            "mv2-ulsam-13-14-16-17-g4-fashion", "mv2-fashion"} <= names

@@ -11,6 +11,12 @@ from typing import Literal
 
 Arch = Literal["mv1", "mv2"]
 ARCHS: tuple[str, ...] = ("mv1", "mv2")
+ACTIVATIONS: tuple[str, ...] = ("relu", "relu6")
+# Width multipliers published for MobileNets (torchvision, timm, the papers): tried first when a
+# checkpoint's width is read from its channel counts, since several multipliers can round alike.
+WIDTHS: tuple[float, ...] = (1.0, 0.5, 0.75, 0.35, 1.4, 0.25, 1.25, 1.3, 1.5, 2.0)
+# The papers' choices; timm's MobileNet-V1 uses ReLU6 instead, hence an activation in the spec.
+DEFAULT_ACTIVATION = {"mv1": "relu", "mv2": "relu6"}
 
 # MobileNet-V1: layer 1 is a 3x3 conv, layers 2..14 depthwise-separable blocks. (in, out, stride)
 _MV1 = [(3, 32, 2)] + [

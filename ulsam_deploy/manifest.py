@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InputFileError, StaleArtifactError, UlsamError
 from .fileio import write_json_atomic
@@ -69,6 +69,26 @@ class ArtifactEntry(BaseModel):
         return _sha(value)
 
 
+class PreprocessingModel(BaseModel):
+    """What every consumer feeds the artifacts: it must be complete and match the model's input size."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    size: int = Field(ge=1, le=4096)
+    crop_fraction: float = Field(gt=0, le=1, allow_inf_nan=False)
+    mean: list[float] = Field(min_length=3, max_length=3)
+    std: list[float] = Field(min_length=3, max_length=3)
+    channel_order: Literal["RGB"]
+    layout: Literal["NCHW"]
+    interpolation: Literal["bilinear", "bicubic"]
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, value):
+        if not all(v > 0 and v == v and v != float("inf") for v in value):
+            raise ValueError("std must be positive")
+        return value
+
+
 class ManifestModel(BaseModel):
     """The whole manifest.json; unknown top-level keys are kept (newer writers may add some)."""
 
@@ -80,7 +100,7 @@ class ManifestModel(BaseModel):
     reference: Literal["reference.safetensors"] = REFERENCE
     reference_sha256: Optional[str] = None
     checkpoint: dict[str, Any] = {}
-    preprocessing: dict[str, Any]
+    preprocessing: PreprocessingModel
     dataset: Optional[str] = None
     calibration: Optional[dict[str, Any]] = None
     promised: list[str] = []
@@ -99,6 +119,13 @@ class ManifestModel(BaseModel):
         except UlsamError as exc:
             raise ValueError(exc.message) from None
         return value
+
+    @model_validator(mode="after")
+    def _preprocessing_fits_the_model(self) -> "ManifestModel":
+        size = ModelSpec.from_dict(self.spec).input_size
+        if self.preprocessing.size != size:
+            raise ValueError(f"preprocessing size {self.preprocessing.size} is not the model's input size {size}")
+        return self
 
     @field_validator("artifacts")
     @classmethod
@@ -194,7 +221,7 @@ class Manifest:
         return cls(Path(directory), data | {"artifacts": kept})
 
     def save(self) -> None:
-        ManifestModel.model_validate(self.data)   # never write what a reader would refuse
+        ManifestModel.model_validate(json.loads(json.dumps(self.data)))   # never write what a reader would refuse
         write_json_atomic(self.directory / MANIFEST, self.data)
 
     # --- views ------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from .arch import ARCHS, LayerDef, feature_sizes, layer_table
+from .arch import ACTIVATIONS, ARCHS, DEFAULT_ACTIVATION, LayerDef, feature_sizes, layer_table
 from .errors import SpecError
 
 Mode = Literal["insert", "substitute"]
@@ -71,18 +71,22 @@ class ModelSpec:
     groups: int = 4
     num_classes: int = 1000
     input_size: int = 224
+    activation: str = ""          # "relu" or "relu6"; empty means the arch's default (DEFAULT_ACTIVATION)
 
     def __post_init__(self) -> None:
+        if not self.activation and self.arch in DEFAULT_ACTIVATION:
+            object.__setattr__(self, "activation", DEFAULT_ACTIVATION[self.arch])
         _validate(self)
         object.__setattr__(self, "placements", tuple(sorted(self.placements)))
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
     def parse(cls, arch: str = "mv2", positions: str = "", groups: int = 4, width: float = 1.0,
-              num_classes: int = 1000, input_size: int = 224) -> "ModelSpec":
-        """Build from user-facing values (the CLI options)."""
+              num_classes: int = 1000, input_size: int = 224, activation: str | None = None) -> "ModelSpec":
+        """Build from user-facing values (the CLI options); no activation means the arch's default."""
         return cls(arch=str(arch).strip().lower(), width=width, placements=parse_positions(positions),
-                   groups=groups, num_classes=num_classes, input_size=input_size)
+                   groups=groups, num_classes=num_classes, input_size=input_size,
+                   activation=str(activation or "").strip().lower())
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSpec":
@@ -90,7 +94,8 @@ class ModelSpec:
             return cls.parse(arch=data["arch"], positions=data.get("positions", ""),
                              groups=int(data.get("groups", 4)), width=float(data.get("width", 1.0)),
                              num_classes=int(data.get("num_classes", 1000)),
-                             input_size=int(data.get("input_size", 224)))
+                             input_size=int(data.get("input_size", 224)),
+                             activation=data.get("activation"))   # absent in older checkpoints
         except (KeyError, TypeError, ValueError) as exc:
             raise SpecError(f"stored model spec is malformed: {exc}") from None
 
@@ -106,6 +111,8 @@ class ModelSpec:
 
     def replace(self, **changes) -> "ModelSpec":
         data = self.to_dict() | changes
+        if "arch" in changes and "activation" not in changes:
+            data.pop("activation")   # another arch starts from its own default
         return ModelSpec.from_dict(data)
 
     # --- views --------------------------------------------------------------------------------
@@ -124,12 +131,14 @@ class ModelSpec:
 
     def vanilla(self) -> "ModelSpec":
         """The same backbone without any ULSAM."""
-        return ModelSpec(self.arch, self.width, (), self.groups, self.num_classes, self.input_size)
+        return ModelSpec(self.arch, self.width, (), self.groups, self.num_classes, self.input_size, self.activation)
 
     @property
     def name(self) -> str:
-        """File-system friendly name, e.g. ``mv2-ulsam-13-14-16-17-g4`` or ``mv1-w0.5-c10-s112``."""
+        """File-system friendly name, e.g. ``mv2-ulsam-13-14-16-17-g4`` or ``mv1-relu6-w0.5-c10-s112``."""
         parts = [self.arch]
+        if self.activation != DEFAULT_ACTIVATION[self.arch]:
+            parts.append(self.activation)
         if self.width != 1.0:
             parts.append(f"w{self.width:g}")
         if self.placements:
@@ -154,6 +163,8 @@ class ModelSpec:
 def _validate(spec: ModelSpec) -> None:
     if spec.arch not in ARCHS:
         raise SpecError(f"arch {spec.arch!r} is unknown", f"choose one of {', '.join(ARCHS)}")
+    if spec.activation not in ACTIVATIONS:
+        raise SpecError(f"activation {spec.activation!r} is unknown", f"choose one of {', '.join(ACTIVATIONS)}")
     _check_number("width", spec.width, *WIDTH_RANGE, kind=float)
     _check_number("groups", spec.groups, 1, 4096, kind=int)
     _check_number("num-classes", spec.num_classes, *CLASSES_RANGE, kind=int)

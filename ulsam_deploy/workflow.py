@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from .data import DataSet, digits
-from .data.sets import evaluation_set, labelled_folder
+from .data.sets import REFERENCE_SETS, evaluation_set, labelled_folder
 from .data.preprocess import Preprocessing
 from .errors import InputFileError, SpecError
 from .nets import MobileNet, build_model, load_model
 from .nets.build import checkpoint_file
-from .options import spec_from_options
+from .options import ModelOptions, spec_for_model
 from .spec import ModelSpec
 
 
@@ -28,109 +30,131 @@ def reference_model(path: Path, spec: ModelSpec | None = None) -> tuple[MobileNe
     return load_model(path, spec), checkpoint_metadata(path)
 
 
-def evaluation_data(source: str | None, spec: ModelSpec) -> DataSet:
-    if not source:
-        raise InputFileError("the model records no data set", "pass --data digits or --data DIR")
-    data = evaluation_set(source, spec.input_size)
-    if data.labels is not None and spec.num_classes != int(data.labels.max()) + 1:
-        # labels of another task say nothing about this model; the images still serve for parity
-        return DataSet(f"{data.source} (unlabelled for {spec.num_classes} classes)", data.images, None,
-                       data.preprocessing, data.skipped)
-    return data
-
-
-def training_data(data: str, start_from: Path | None, arch, positions, groups, width, num_classes, input_size
-                  ) -> tuple[MobileNet, DataSet, DataSet, str]:
-    """(model to train, train set, test set, data name) for ``ulsam-deploy train``."""
-    if data == "digits":
-        num_classes = num_classes or digits.NUM_CLASSES
-        input_size = input_size or 112
-    spec = spec_from_options(arch, positions, groups, width, num_classes, input_size)
-    model = load_model(start_from, spec) if start_from else build_model(spec, seed=0)
-    if data == "digits":
-        if spec.num_classes != digits.NUM_CLASSES:
-            raise SpecError(f"digits has 10 classes, --num-classes is {spec.num_classes}")
-        train_x, train_y = digits.load("train", spec.input_size)
-        prep = digits.preprocessing(spec.input_size)
-        train_set = DataSet("digits:train", train_x, train_y, prep)
-        return model, train_set, evaluation_set("digits", spec.input_size), "digits"
+def training_data(data: str, start_from: Path | None, options: ModelOptions) -> tuple[MobileNet, DataSet, DataSet, str]:
+    """(model to train, train set, test set, data name) for ``ulsam-deploy train``, the data preprocessed
+    the model's way (``--preprocess``, else what the start checkpoint records)."""
+    reference = REFERENCE_SETS.get(data)
+    if start_from is not None:
+        model, prep = _start_model(start_from, options)
+    else:
+        if reference is not None:
+            options = options.with_defaults(num_classes=reference.NUM_CLASSES, input_size=reference.DEFAULT_SIZE)
+        model = build_model(options.spec(), seed=0)
+        prep = options.preprocessing(model.spec)
+    spec = model.spec
+    if reference is not None:
+        if spec.num_classes != reference.NUM_CLASSES:
+            raise SpecError(f"{data} has {reference.NUM_CLASSES} classes, the model {spec.num_classes}",
+                            f"`build --from` the checkpoint with --num-classes {reference.NUM_CLASSES} first"
+                            if start_from else None)
+        own = reference.preprocessing(spec.input_size)   # the set's rendering, the model's mean and std
+        train_x, train_y = reference.load("train", spec.input_size)
+        data_prep = own.with_normalisation_of(prep)
+        train_set = DataSet(f"{data}:train", data_prep.renormalise(train_x, own), train_y, data_prep)
+        return model, train_set, evaluation_set(data, spec.input_size, prep), data
     folder = Path(data)
-    labelled = labelled_folder(folder, Preprocessing(size=spec.input_size))
+    labelled = labelled_folder(folder, prep)
     classes = int(labelled.labels.max()) + 1
     if classes != spec.num_classes:
         raise SpecError(f"{folder} has {classes} classes, the model has {spec.num_classes}", f"pass --num-classes {classes}")
     return model, labelled, labelled, str(folder)
 
 
+def _start_model(path: Path, options: ModelOptions):
+    """(the checkpoint to fine-tune, its preprocessing); ``--input-size`` may differ from the checkpoint's."""
+    from dataclasses import replace
+
+    from .nets.build import load_state, model_from, read_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    model = model_from(checkpoint, spec_for_model(path, replace(options, input_size=None)))
+    if options.input_size is not None and options.input_size != model.spec.input_size:   # same weights
+        model = load_state(build_model(model.spec.replace(input_size=options.input_size), seed=None),
+                           model.state_dict(), str(path))
+    recorded = model_preprocessing(checkpoint.metadata, model.spec) if checkpoint.metadata else None
+    return model, options.preprocessing(model.spec, recorded, checkpoint.layout.preprocess)
+
+
 # --- export, parity ------------------------------------------------------------------------------
 RUNS = Path("runs")
 
 
-def resolve_reference(model_path: Path | None, arch, positions, groups, width, num_classes, input_size):
-    """(eager model, name, checkpoint record, dataset, preprocessing dict) for --model or spec options."""
-    from .nets.build import sha256_file
-    from .options import spec_for_model
+def resolve_reference(model_path: Path | None, options: ModelOptions):
+    """(eager model, name, checkpoint record, dataset, preprocessing dict) for --model or the model options.
+
+    A checkpoint's recorded preprocessing is the one used; ``--preprocess`` serves files that record none.
+    """
+    from .nets.build import model_from, read_checkpoint, sha256_file
 
     if model_path is None:
-        spec = spec_from_options(arch, positions, groups, width, num_classes, input_size)
+        spec = options.spec()
         return (build_model(spec, seed=0), spec.name, {"random_init_seed": 0}, None,
-                Preprocessing(size=spec.input_size).to_dict())
-    spec = spec_for_model(model_path, arch, positions, groups, width, num_classes, input_size)
-    net, meta = reference_model(model_path, spec)
-    ckpt = checkpoint_file(model_path)
-    name = Path(model_path).name if Path(model_path).is_dir() else ckpt.stem
-    dataset = meta.get("dataset")
-    if dataset == "digits":
-        prep = digits.preprocessing(spec.input_size).to_dict()
+                options.preprocessing(spec).to_dict())
+    spec = spec_for_model(model_path, options)
+    checkpoint = read_checkpoint(model_path)
+    net, meta = model_from(checkpoint, spec), checkpoint.metadata
+    if "preprocessing" in meta or meta.get("dataset") in REFERENCE_SETS:
+        prep = model_preprocessing(meta, spec)
+        if options.preprocess is not None and options.preprocessing(spec) != Preprocessing.from_dict(prep):
+            raise SpecError(f"--model {model_path} records its preprocessing; --preprocess {options.preprocess} "
+                            "differs", "drop --preprocess (`build --from` or `train --preprocess` choose it)")
     else:
-        prep = json.loads(meta["preprocessing"]) if "preprocessing" in meta else Preprocessing(size=spec.input_size).to_dict()
-    return net, name, {"path": str(model_path), "sha256": sha256_file(ckpt)}, dataset, prep
+        prep = options.preprocessing(spec, None, checkpoint.layout.preprocess).to_dict()
+    name = Path(model_path).name if Path(model_path).is_dir() else checkpoint.path.stem
+    return (net, name, {"path": str(model_path), "sha256": sha256_file(checkpoint.path)}, meta.get("dataset"), prep)
 
 
-def export_for(model_path, spec_options: tuple, formats: tuple[str, ...], out: Path | None, calib: str | None,
-               calib_samples: int, calib_method: str):
-    """Export (what is missing of) ``formats`` for a model; returns (ExportResult, Manifest)."""
+def model_preprocessing(meta: dict[str, str], spec: ModelSpec) -> dict:
+    """The preprocessing a checkpoint records (else its reference set's, else the default at its input size)."""
+    if "preprocessing" in meta:
+        return json.loads(meta["preprocessing"])
+    dataset = meta.get("dataset")
+    if dataset in REFERENCE_SETS:
+        return REFERENCE_SETS[dataset].preprocessing(spec.input_size).to_dict()
+    return Preprocessing(size=spec.input_size).to_dict()
+
+
+def export_for(model_path, options: ModelOptions, formats: tuple[str, ...], out: Path | None, calib: str | None,
+               calib_samples: int, calib_method: str, on_step=None, keep_float: tuple[int, ...] = ()):
+    """Export (what is missing of) ``formats`` for a model; returns (ExportResult, Manifest).
+    ``keep_float``: paper layers the INT8 formats keep in float."""
     from .export.pipeline import ExportRequest, run_export
     from .manifest import Manifest
 
-    net, name, checkpoint, dataset, prep = resolve_reference(model_path, *spec_options)
+    net, name, checkpoint, dataset, prep = resolve_reference(model_path, options)
     request = ExportRequest(net, name, checkpoint, dataset, prep, formats,
                             calib_source=calib or dataset or "photos", calib_samples=calib_samples,
-                            calib_method=calib_method)
+                            calib_method=calib_method, keep_float=tuple(keep_float))
     out = out or RUNS / name
-    if out.exists() and not out.is_dir():
-        raise InputFileError(f"--out {out} exists and is not a folder")
-    result = run_export(request, out)
+    result = run_export(request, out, on_step=on_step)
     return result, Manifest.load(out)
 
 
 def parity_for(manifest, artifacts: list[str] | None, data: str | None, threads: int, overrides: dict,
                batch: int = 32, given_model: Path | None = None):
-    """ParityResult for each artifact of ``manifest`` (all by default), against its reference weights."""
-    from .manifest import REFERENCE, weights_sha256
-    from .parity import run_parity, thresholds_for
-    from .runtime import open_artifact, run_batched, torch_runner
+    """ParityResult for each artifact of ``manifest`` (all listed or promised by default)."""
+    from .verify import run_parity
 
-    reference = load_model(manifest.directory / REFERENCE)
-    if weights_sha256(reference) != manifest.data["weights_sha256"]:
-        raise InputFileError(f"{manifest.directory / REFERENCE} does not match its manifest",
-                             "re-run `ulsam-deploy export`")
-    if given_model is not None:
-        other = load_model(given_model)
-        manifest.verify_model(other.spec, weights_sha256(other), str(given_model))
-    spec = manifest.spec
-    dataset = evaluation_data(data or manifest.data.get("dataset") or "photos", spec)
-    reference_logits = run_batched(torch_runner(reference, threads), dataset.images, batch)
-    names = artifacts or list(manifest.artifacts)
-    results = []
-    for name in names:
-        path = manifest.verify_artifact(name)
-        entry = manifest.artifacts[name]
-        runner = open_artifact(path, entry["backend"], entry["precision"], threads)
-        try:
-            limits = thresholds_for(entry["backend"], entry["precision"], overrides)
-            results.append(run_parity(name, entry["backend"], entry["precision"], runner, reference_logits,
-                                      dataset, limits, batch))
-        finally:
-            runner.close()
-    return results
+    return run_parity(manifest.directory, artifacts, data, threads, overrides, batch, given_model).results
+
+
+def evaluate_stream(net: MobileNet, source, threads: int = 0, batch: int = 64, on_batch=None):
+    """(top-1 %, top-5 %, images, StreamStats) of the eager model over a labelled stream."""
+    from .data.stream import StreamStats, batches
+    from .runtime import torch_runner
+
+    stats, runner = StreamStats(), torch_runner(net, threads)
+    top1 = top5 = 0
+    try:
+        for chunk in batches(source, batch, stats=stats):
+            logits = runner(chunk.images)
+            top = np.argsort(-logits, axis=1)[:, :5]
+            top1 += int((top[:, 0] == chunk.labels).sum())
+            top5 += int((top == chunk.labels[:, None]).any(axis=1).sum())
+            if on_batch:
+                on_batch(len(chunk.images))
+    finally:
+        runner.close()
+    if stats.count == 0:
+        raise InputFileError(f"no usable images in {source.name} ({stats.skipped} skipped)")
+    return 100.0 * top1 / stats.count, 100.0 * top5 / stats.count, stats.count, stats

@@ -77,3 +77,27 @@ def test_truncated_safetensors(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(InputFileError, match="not a readable safetensors"):
         load_model(path)
+
+
+def test_checkpoint_from_before_activations_loads_with_the_arch_default(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    spec = ModelSpec.parse("mv1", "8:1", groups=4, num_classes=3, input_size=32)
+    old = {k: v for k, v in spec.to_dict().items() if k != "activation"}
+    model = build_model(spec, seed=4)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "old.safetensors"),
+              metadata={"format": "ulsam-deploy/1", "spec": json.dumps(old)})
+    loaded = load_model(tmp_path / "old.safetensors")
+    assert loaded.spec == spec and loaded.spec.activation == "relu"
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("activation,module", [("relu", torch.nn.ReLU), ("relu6", torch.nn.ReLU6)])
+@pytest.mark.parametrize("arch", ["mv1", "mv2"])
+def test_activation_is_built(arch, activation, module):
+    model = build_model(ModelSpec.parse(arch, "", width=0.25, num_classes=2, activation=activation))
+    kinds = {type(m) for m in model.features.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.ReLU6))}
+    assert kinds == {module}

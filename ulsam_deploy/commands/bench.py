@@ -34,17 +34,33 @@ def _choices(text: str, flag: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
     return chosen
 
 
-def _vs_reference(vs: str, primary_spec) -> tuple[Path | None, tuple]:
+def _vs_reference(vs: str, primary_spec) -> tuple[Path | None, o.ModelOptions]:
     path = Path(vs)
     if path.exists():
-        return path, (None,) * 6
+        return path, o.ModelOptions()
     arch, _, positions = vs.partition("@")
-    return None, (arch, positions, primary_spec.groups, primary_spec.width, primary_spec.num_classes,
-                  primary_spec.input_size)
+    same_arch = arch.strip().lower() == primary_spec.arch   # another arch keeps its own default activation
+    return None, o.ModelOptions(arch, positions, primary_spec.groups, primary_spec.width, primary_spec.num_classes,
+                                primary_spec.input_size, primary_spec.activation if same_arch else None)
 
 
-def bench(arch: o.Arch = None, positions: o.Positions = None, groups: o.Groups = None, width: o.Width = None,
-          num_classes: o.NumClasses = None, input_size: o.InputSize = None, model: o.ModelPath = None,
+def _subject_manifest(model, options, formats, export_dir):
+    """An export directory passed as such is read as it is; a model is exported (into ``export_dir`` if given)."""
+    from ..manifest import MANIFEST, Manifest
+    from ..workflow import export_for
+
+    if model is not None and (Path(model) / MANIFEST).is_file():
+        export_dir, model = Path(model), None
+    if export_dir is not None and model is None and options == o.ModelOptions():
+        return Manifest.load(export_dir)
+    return export_for(model, options, tuple(formats) or ("onnx",), export_dir, None, 128, "minmax")[1]
+
+
+@o.model_options
+def bench(options: o.ModelOptions, model: o.ModelPath = None,
+          export_dir: Annotated[Optional[Path], typer.Option(
+              "--export", "-e", help="Export directory to time (its artifacts; with --model, missing formats are "
+                                     "exported into it). Default: runs/<model name>.")] = None,
           vs: Vs = None,
           backend: Annotated[str, typer.Option(help="torch, onnxruntime, litert, trt (comma list) or all.")] = "all",
           precision: Annotated[str, typer.Option(help="fp32, fp16, int8 (comma list) or all.")] = "all",
@@ -57,6 +73,9 @@ def bench(arch: o.Arch = None, positions: o.Positions = None, groups: o.Groups =
           json_out: o.Json = False) -> None:
     """Time every artifact (exported if missing) and print one table; with --vs, per-backend ratios."""
     from .. import report
+    import contextlib
+
+    from ..manifest import locked
     from ..profile import count_layers
     from ..suite import BACKENDS, Subject, formats_for, new_report, run_suite
     from ..workflow import export_for, parity_for
@@ -66,7 +85,7 @@ def bench(arch: o.Arch = None, positions: o.Positions = None, groups: o.Groups =
     batches = _int_list(batch, "--batch", 1, 4096)
     if plot is not None and (plot.suffix.lower() != ".png" or plot.is_dir()):
         raise UlsamError(f"--plot {plot} must be a .png file path")
-    refs = [(model, (arch, positions, groups, width, num_classes, input_size))]
+    refs = [(model, options)]
     skipped: list[str] = []
     formats = formats_for(backends, precisions, skipped)
     keys = (["torch"] if "torch" in backends and "fp32" in precisions else []) + formats
@@ -78,9 +97,9 @@ def bench(arch: o.Arch = None, positions: o.Positions = None, groups: o.Groups =
         for index in range(2 if vs else 1):
             if index == 1:
                 refs.append(_vs_reference(vs, subjects[0].manifest.spec))
-            ref_model, spec_options = refs[index]
-            bar.update(task, description=f"export {ref_model or spec_options[0]}")
-            _, manifest = export_for(ref_model, spec_options, tuple(formats) or ("onnx",), None, None, 128, "minmax")
+            ref_model, ref_options = refs[index]
+            bar.update(task, description=f"export {ref_model or ref_options.arch}")
+            manifest = _subject_manifest(ref_model, ref_options, formats, export_dir if index == 0 else None)
             rows = count_layers(manifest.spec)
             subjects.append(Subject(manifest, sum(r.params for r in rows), sum(r.macs for r in rows)))
             if parity and formats:
@@ -88,10 +107,19 @@ def bench(arch: o.Arch = None, positions: o.Positions = None, groups: o.Groups =
                 parities.append({r.artifact: r for r in parity_for(manifest, formats, None, threads, {})})
             else:
                 parities.append({})
+        for key in [k for k in keys if k != "torch"]:
+            holders = [s.name for s in subjects if key not in s.manifest.artifacts]
+            if holders:
+                keys.remove(key)
+                skipped.append(f"{key}: not in the export directory of {', '.join(holders)}")
         result = new_report(subjects, threads)
         result.skipped = skipped
-        run_suite(subjects, keys, threads, batches, warmup, runs, parities, result, subjects[0].manifest.spec.input_size,
-                  on_step=lambda what: bar.update(task, description=f"timing {what}"))
+        with contextlib.ExitStack() as held:   # an export running meanwhile cannot swap an artifact being timed
+            for subject in subjects:
+                held.enter_context(locked(subject.manifest.directory, "read"))
+            run_suite(subjects, keys, threads, batches, warmup, runs, parities, result,
+                      subjects[0].manifest.spec.input_size,
+                      on_step=lambda what: bar.update(task, description=f"timing {what}"))
     if plot is not None:
         report.plot_bench(result, plot)
     if json_out:

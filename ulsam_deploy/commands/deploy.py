@@ -26,42 +26,65 @@ Data = Annotated[Optional[str], typer.Option(
 Threads = Annotated[int, typer.Option("--threads", min=0, max=256, help="Runtime threads (0 = backend default).")]
 
 
-def _manifest(export_dir, model, spec_options, formats, calib, calib_samples, calib_method):
+def _manifest(export_dir, model, options: o.ModelOptions, formats, calib, calib_samples, calib_method):
     from ..manifest import Manifest
     from ..workflow import export_for
 
     if export_dir is not None:
         return Manifest.load(export_dir)
-    return export_for(model, spec_options, formats, None, calib, calib_samples, calib_method)[1]
+    return _export(model, options, formats, None, calib, calib_samples, calib_method)[1]
 
 
-def export(arch: o.Arch = None, positions: o.Positions = None, groups: o.Groups = None, width: o.Width = None,
-           num_classes: o.NumClasses = None, input_size: o.InputSize = None, model: o.ModelPath = None,
-           checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Same as --model.")] = None,
-           formats: Formats = None, calib: Calib = None, calib_samples: CalibSamples = 128,
-           calib_method: CalibMethod = "minmax", out: Out = None, json_out: o.Json = False) -> None:
-    """Export a model to ONNX (simplified), INT8 Q/DQ ONNX, TFLite and TensorRT, with a manifest."""
+def _export(*args, **kwargs):
+    """export_for with a progress line naming each step (hidden off a terminal)."""
     from .. import report
     from ..workflow import export_for
 
+    with report.progress() as bar:
+        task = bar.add_task("export", total=None)
+        return export_for(*args, **kwargs, on_step=lambda what: bar.update(task, description=f"export: {what}"))
+
+
+@o.model_options
+def export(options: o.ModelOptions, model: o.ModelPath = None,
+           checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Same as --model.")] = None,
+           formats: Formats = None, calib: Calib = None, calib_samples: CalibSamples = 128,
+           calib_method: CalibMethod = "minmax", out: Out = None,
+           keep_float: Annotated[Optional[str], typer.Option(
+               "--keep-float", help="Paper layers the INT8 formats keep in float, e.g. 1,2,13; 'auto' adds the most "
+                                    "sensitive ones until check passes.")] = None,
+           float_budget: Annotated[float, typer.Option(
+               "--float-budget", min=0.0, max=100.0, help="With --keep-float auto: the most the float layers may "
+                                                          "cost, percent of the model's MACs.")] = 25.0,
+           json_out: o.Json = False) -> None:
+    """Export a model to ONNX (simplified), INT8 Q/DQ ONNX, TFLite and TensorRT, with a manifest."""
+    from .. import report
+    from ..export import parse_keep_float
+
     chosen = parse_formats(formats) if formats else DEFAULT_FORMATS
-    result, _ = export_for(model or checkpoint, (arch, positions, groups, width, num_classes, input_size), chosen,
-                           out, calib, calib_samples, calib_method)
+    if keep_float is not None and keep_float.strip().lower() == "auto":
+        from .inspect import keep_float_auto
+
+        return keep_float_auto(model or checkpoint, options, chosen, out, calib, calib_samples, calib_method,
+                               float_budget, json_out)
+    layers = parse_keep_float(keep_float) if keep_float else ()
+    result, _ = _export(model or checkpoint, options, chosen, out, calib, calib_samples, calib_method,
+                        keep_float=layers)
     report.print_json(result) if json_out else report.console.print(report.export_table(result))
 
 
-def parity(export_dir: ExportDir = None, arch: o.Arch = None, positions: o.Positions = None, groups: o.Groups = None,
-           width: o.Width = None, num_classes: o.NumClasses = None, input_size: o.InputSize = None,
+@o.model_options
+def parity(export_dir: ExportDir = None, options: o.ModelOptions = None,
            model: o.ModelPath = None, formats: Formats = None, data: Data = None, threads: Threads = 0,
            calib: Calib = None, calib_samples: CalibSamples = 128, calib_method: CalibMethod = "minmax",
            json_out: o.Json = False) -> None:
     """Run every artifact against the eager fp32 reference on the same batches."""
-    _parity_command(export_dir, (arch, positions, groups, width, num_classes, input_size), model, formats, data,
-                    threads, calib, calib_samples, calib_method, json_out, {}, gate=False)
+    _parity_command(export_dir, options, model, formats, data, threads, calib, calib_samples, calib_method,
+                    json_out, {}, gate=False)
 
 
-def check(export_dir: ExportDir = None, arch: o.Arch = None, positions: o.Positions = None, groups: o.Groups = None,
-          width: o.Width = None, num_classes: o.NumClasses = None, input_size: o.InputSize = None,
+@o.model_options
+def check(export_dir: ExportDir = None, options: o.ModelOptions = None,
           model: o.ModelPath = None, formats: Formats = None, data: Data = None, threads: Threads = 0,
           calib: Calib = None, calib_samples: CalibSamples = 128, calib_method: CalibMethod = "minmax",
           max_abs: Annotated[Optional[float], typer.Option("--max-abs", help="Override: max |logit diff|.")] = None,
@@ -72,27 +95,41 @@ def check(export_dir: ExportDir = None, arch: o.Arch = None, positions: o.Positi
     """The CI gate: parity against the thresholds table; exit 1 naming each breached metric."""
     overrides = {"max_abs": max_abs, "min_top1_agreement": min_top1, "min_cosine": min_cosine,
                  "min_accuracy_delta": min_acc_delta}
-    _parity_command(export_dir, (arch, positions, groups, width, num_classes, input_size), model, formats, data,
-                    threads, calib, calib_samples, calib_method, json_out, overrides, gate=True)
+    _parity_command(export_dir, options, model, formats, data, threads, calib, calib_samples, calib_method,
+                    json_out, overrides, gate=True)
 
 
-def _parity_command(export_dir, spec_options, model, formats, data, threads, calib, calib_samples, calib_method,
+def _parity_command(export_dir, options: o.ModelOptions, model, formats, data, threads, calib, calib_samples, calib_method,
                     json_out, overrides, gate: bool) -> None:
     from .. import report
-    from ..workflow import parity_for
+    from ..verify import run_parity
 
     chosen = parse_formats(formats) if formats else None
-    manifest = _manifest(export_dir, model, spec_options, chosen or DEFAULT_FORMATS, calib, calib_samples,
-                            calib_method)
+    manifest = _manifest(export_dir, model, options, chosen or DEFAULT_FORMATS, calib, calib_samples,
+                         calib_method)
     given = model if export_dir is not None else None
-    results = parity_for(manifest, list(chosen) if chosen else None, data, threads, overrides, given_model=given)
+    with report.progress() as bar:
+        task = bar.add_task("parity", total=None)
+        run = run_parity(manifest.directory, list(chosen) if chosen else None, data, threads, overrides,
+                         given_model=given, on_start=lambda n: bar.update(task, total=n, description="parity"),
+                         on_batch=lambda n: bar.update(task, advance=n))
     if json_out:
-        report.print_json(results)
+        report.print_json(run.results + [_missing(name) for name in run.missing])
     else:
-        report.console.print(report.parity_table(results, str(manifest.directory)))
+        report.console.print(report.parity_table(run))
     if gate:
-        failed = [r for r in results if not r.passed]
-        for r in failed:
-            report.log(f"FAIL {r.artifact}: " + "; ".join(r.breaches))
-        if failed:
+        for r in run.results:
+            if not r.passed:
+                report.log(f"FAIL {r.artifact}: " + "; ".join(r.breaches))
+        for name in run.missing:
+            report.log(f"FAIL {name}: missing - {'asked for with --formats' if chosen else 'the manifest promises it'}"
+                       f" but {manifest.directory} holds no such artifact (re-run `ulsam-deploy export`)")
+        if not run.results and not run.missing:
+            report.log(f"FAIL: {manifest.directory} lists no artifact, so nothing was checked "
+                       "(re-run `ulsam-deploy export`)")
+        if not run.passed:
             raise typer.Exit(1)
+
+
+def _missing(name: str) -> dict:
+    return {"artifact": name, "missing": True, "passed": False, "breaches": ["missing: not built"]}

@@ -2,17 +2,24 @@
 
 Calibration, parity, evaluation and training all go through :class:`Preprocessing`, and every
 artifact records it (``to_dict``) so a deployed model can be fed exactly as it was checked.
+A pretrained model brings its library's preprocessing; :func:`preset` names those (``PRESETS``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from PIL import Image
 
+from ..errors import SpecError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
 @dataclass(frozen=True)
@@ -23,18 +30,27 @@ class Preprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
     channel_order: str = "RGB"
     layout: str = "NCHW"
-    interpolation: str = "bilinear"
+    interpolation: str = "bilinear"      # or "bicubic" (timm's pretrained models)
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in RESAMPLING:
+            raise SpecError(f"interpolation {self.interpolation!r} is unknown", f"use {' or '.join(RESAMPLING)}")
+        if not 0.0 < self.crop_fraction <= 1.0:
+            raise SpecError(f"crop fraction {self.crop_fraction!r} is outside (0, 1]")
 
     def resize_crop(self, image: Image.Image) -> Image.Image:
-        """Resize the shorter side to size / crop_fraction, then take the centre size x size."""
+        """Resize the shorter side to size / crop_fraction, then take the centre size x size.
+
+        The arithmetic is torchvision's ``Resize(int)`` + ``CenterCrop`` (longer side truncated, crop
+        offset rounded) with timm's ``floor(size / crop_pct)``, so a preset reproduces the library's
+        pixels, not just its numbers; the epsilon keeps 224 / (224 / 232) at 232.
+        """
         image = image.convert("RGB")
-        short = round(self.size / self.crop_fraction)
+        short = max(self.size, math.floor(self.size / self.crop_fraction + 1e-6))
         w, h = image.size
-        scale = short / min(w, h)
-        image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
-                             Image.Resampling.BILINEAR)
-        w, h = image.size
-        left, top = (w - self.size) // 2, (h - self.size) // 2
+        new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        image = image.resize(new, RESAMPLING[self.interpolation])
+        left, top = int(round((new[0] - self.size) / 2.0)), int(round((new[1] - self.size) / 2.0))
         return image.crop((left, top, left + self.size, top + self.size))
 
     def normalise(self, rgb: np.ndarray) -> np.ndarray:
@@ -60,3 +76,38 @@ class Preprocessing:
     def from_dict(cls, data: dict) -> "Preprocessing":
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**fields)
+
+    def with_normalisation_of(self, other: "Preprocessing") -> "Preprocessing":
+        """This geometry with ``other``'s mean and std (a reference set fed to a pretrained model)."""
+        return replace(self, mean=tuple(other.mean), std=tuple(other.std))
+
+    def renormalise(self, images: np.ndarray, source: "Preprocessing") -> np.ndarray:
+        """NCHW ``images`` normalised by ``source`` -> normalised by this mean and std (same pixels)."""
+        if tuple(source.mean) == tuple(self.mean) and tuple(source.std) == tuple(self.std):
+            return images
+        shape = (1, -1, 1, 1)
+        pixels = images * np.asarray(source.std, np.float32).reshape(shape) + np.asarray(source.mean, np.float32).reshape(shape)
+        out = (pixels - np.asarray(self.mean, np.float32).reshape(shape)) / np.asarray(self.std, np.float32).reshape(shape)
+        out = np.ascontiguousarray(out, dtype=np.float32)
+        out.setflags(write=False)
+        return out
+
+
+# The libraries' own eval transforms at 224 px: torchvision's MobileNet_V2_Weights.IMAGENET1K_V1 resizes to 256
+# (V2 weights: 232) and crops 224, bilinear; timm's pretrained configs crop 0.875 bicubic, with ImageNet
+# statistics for mobilenetv2_* and mean = std = 0.5 for mobilenetv1_*. "ours" is what the tool always used.
+PRESETS: dict[str, dict[str, Preprocessing]] = {
+    "ours": {"mv1": Preprocessing(), "mv2": Preprocessing()},
+    "torchvision": {"mv1": Preprocessing(crop_fraction=224 / 256), "mv2": Preprocessing(crop_fraction=224 / 256)},
+    "torchvision-v2": {"mv1": Preprocessing(crop_fraction=224 / 232), "mv2": Preprocessing(crop_fraction=224 / 232)},
+    "timm": {"mv1": Preprocessing(interpolation="bicubic", mean=INCEPTION_MEAN, std=INCEPTION_STD),
+             "mv2": Preprocessing(interpolation="bicubic")},
+}
+
+
+def preset(name: str, size: int, arch: str = "mv2") -> Preprocessing:
+    """The named preset for ``arch`` at ``size`` px (the crop fraction, so the resize, scales with it)."""
+    chosen = PRESETS.get(str(name).strip().lower())
+    if chosen is None:
+        raise SpecError(f"preprocessing preset {name!r} is unknown", f"choose one of {', '.join(PRESETS)}")
+    return replace(chosen[arch], size=size)

@@ -13,7 +13,8 @@ from ..errors import UlsamError
 
 
 # Bumped whenever a producer's output changes, so that `export` rebuilds artifacts made by an older recipe.
-RECIPE = "2"
+# 3: INT8 logits no longer quantised (no clipping at the calibrated range); TFLite entries record their taps.
+RECIPE = "3"
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,31 @@ CPU_FORMATS = ("onnx", "onnx-int8", "tflite-fp32", "tflite-fp16", "tflite-int8")
 # Built only on request: the plain full-integer TFLite (attention in INT8 too), for comparison, and the
 # symmetric Q/DQ ONNX that TensorRT builds from (ONNX Runtime runs it correctly but slowly on x86).
 DEFAULT_FORMATS = ("onnx", "onnx-int8")
+
+
+# The INT8 formats whose recipe honours `export --keep-float` (the plain TFLite model is the converter's
+# untouched full-integer baseline, kept for comparison).
+KEEP_FLOAT_FORMATS = ("onnx-int8", "onnx-int8-trt", "tflite-int8", "trt-int8")
+
+
+def parse_keep_float(text: str) -> tuple[int, ...]:
+    """``"1, 2,13"`` -> (1, 2, 13): paper layer numbers, checked against the model by :func:`check_keep_float`."""
+    layers: list[int] = []
+    for raw in text.split(","):
+        token = raw.strip()
+        if not token.isascii() or not token.isdigit():
+            raise UlsamError(f"--keep-float {text!r}: {token!r} is not a paper layer number",
+                             "pass e.g. 1,2,13 or auto")
+        layers.append(int(token))
+    return tuple(sorted(set(layers)))
+
+
+def check_keep_float(layers: tuple[int, ...], spec) -> None:
+    """Refuse layer numbers the model does not have (MobileNet-V1: 1-14, MobileNet-V2: 1-19)."""
+    last = len(spec.layers)
+    for layer in layers:
+        if not 1 <= layer <= last:
+            raise UlsamError(f"--keep-float {layer} is not a layer of {spec.arch.upper()} (1-{last})")
 
 
 def parse_formats(text: str) -> tuple[str, ...]:

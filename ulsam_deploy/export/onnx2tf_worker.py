@@ -1,14 +1,18 @@
 """Subprocess entry for the TensorFlow side of the TFLite export (TensorFlow never loads in the CLI).
 
     python -m ulsam_deploy.export.onnx2tf_worker convert MODEL.onnx OUT_DIR
-    python -m ulsam_deploy.export.onnx2tf_worker quantize SAVED_MODEL_DIR CALIB_NHWC.npy OUT.tflite attention-float|plain
+    python -m ulsam_deploy.export.onnx2tf_worker quantize SAVED_MODEL_DIR CALIB_NHWC.npy OUT.tflite attention-float|plain [FLOAT_OPS.json]
 
 ``convert`` runs in a scratch folder that holds a copy of the ONNX and onnx2tf's sample file;
 every network request is refused, so a conversion that would download fails instead of reaching out.
+``quantize`` keeps in float, besides ULSAM's attention path, the classifier (so that logits beyond the
+calibrated range are not clipped) and the ops named in FLOAT_OPS.json (tensor keys, see
+:func:`ulsam_deploy.layermap.tensor_key`), through the converter's selective quantisation (denylist).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -32,7 +36,7 @@ def convert(onnx_path: str, out_dir: str) -> int:
     return 0
 
 
-def quantize_int8(saved_model: str, calib_nhwc, keep_attention_float: bool) -> bytes:
+def quantize_int8(saved_model: str, calib_nhwc, keep_attention_float: bool, float_keys=()) -> bytes:
     import tensorflow as tf
 
     def representative():
@@ -46,26 +50,39 @@ def quantize_int8(saved_model: str, calib_nhwc, keep_attention_float: bool) -> b
     if not keep_attention_float:
         converter.inference_input_type = converter.inference_output_type = tf.int8
         return converter.convert()
+    # fully_quantize=False: float32 model input and output (the input is quantised by the model's first op).
+    # With int8 I/O the float classifier's logits would be re-quantised, and clipped, on the way out.
     options = tf.lite.experimental.QuantizationDebugOptions(
-        denylisted_ops=["SOFTMAX", "MUL"], denylisted_nodes=_attention_tensors(saved_model), fully_quantize=True)
+        denylisted_ops=["SOFTMAX", "MUL"], denylisted_nodes=_float_tensors(saved_model, float_keys),
+        fully_quantize=False)
     debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=representative,
                                                          debug_options=options)
     return debugger.get_nondebug_quantized_model()
 
 
-def _attention_tensors(saved_model: str) -> list[str]:
-    """Output names of the RESHAPE after each SOFTMAX and the ADD after each MUL (x*A + x), read from
-    the float model: the denylist must name them, or they re-quantise the float softmax to 1/256."""
+def _float_tensors(saved_model: str, float_keys) -> list[str]:
+    """Output names, in the float model, of the ops to keep in float: the RESHAPE after each SOFTMAX and
+    the ADD after each MUL (x*A + x) - named, or they re-quantise the float softmax to 1/256 -, the op
+    that writes the logits, and the ops whose tensor key is in ``float_keys``."""
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
+
+    from ..layermap import tensor_key
 
     interpreter = Interpreter(model_content=tf.lite.TFLiteConverter.from_saved_model(str(saved_model)).convert())
     names = {d["index"]: d["name"] for d in interpreter.get_tensor_details()}
     ops = interpreter._get_ops_details()   # no public equivalent lists op inputs/outputs
     producer = {out: op["op_name"] for op in ops for out in op["outputs"]}
-    return [names[op["outputs"][0]] for op in ops
-            if (op["op_name"] == "RESHAPE" and any(producer.get(i) == "SOFTMAX" for i in op["inputs"]))
-            or (op["op_name"] == "ADD" and any(producer.get(i) == "MUL" for i in op["inputs"]))]
+    logits = {d["index"] for d in interpreter.get_output_details()}
+    wanted = set(float_keys)
+    chosen = [names[op["outputs"][0]] for op in ops
+              if (op["op_name"] == "RESHAPE" and any(producer.get(i) == "SOFTMAX" for i in op["inputs"]))
+              or (op["op_name"] == "ADD" and any(producer.get(i) == "MUL" for i in op["inputs"]))
+              or logits & set(op["outputs"]) or tensor_key(names[op["outputs"][0]]) in wanted]
+    missing = wanted - {tensor_key(name) for name in chosen}
+    if missing:
+        raise SystemExit(f"no op writes {sorted(missing)[0]!r} in the converter's float model")
+    return chosen
 
 
 def main() -> int:
@@ -76,8 +93,10 @@ def main() -> int:
     if mode == "quantize":
         import numpy as np
 
-        saved, calib, out, recipe = args
-        data = quantize_int8(saved, np.load(calib), keep_attention_float=recipe == "attention-float")
+        saved, calib, out, recipe, *float_ops = args
+        float_keys = json.loads(open(float_ops[0]).read()) if float_ops else []
+        data = quantize_int8(saved, np.load(calib), keep_attention_float=recipe == "attention-float",
+                             float_keys=float_keys)
         with open(out, "wb") as handle:
             handle.write(data)
         return 0

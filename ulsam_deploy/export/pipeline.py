@@ -2,23 +2,28 @@
 
 Artifacts already present whose bytes, source weights and calibration still match are kept;
 everything else is (re)built under a temporary name and renamed into place, and the manifest is
-rewritten after each artifact.
+rewritten after each artifact. Every option and input is validated before the first write (a refused
+command leaves nothing behind), and the whole export holds the directory's write lock, so concurrent
+exports into one directory serialise and the manifest always lists every artifact with its true hash.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import DataSet, calibration_set
-from ..errors import BackendUnavailable, StaleArtifactError, UlsamError
-from ..runtime.base import EXTRAS
-from ..manifest import REFERENCE, Manifest, weights_sha256
+from ..data import DataSet, Preprocessing, calibration_set
+from ..errors import BackendUnavailable, InputFileError, StaleArtifactError, UlsamError
+from ..extras import install_hint, require
+from ..manifest import REFERENCE, Manifest, locked, weights_sha256
+from ..artifact_io import describe_io
 from ..nets import MobileNet, save_checkpoint
 from ..nets.build import sha256_file
-from . import FORMATS, RECIPE
+from . import FORMATS, KEEP_FLOAT_FORMATS, RECIPE, check_keep_float
 
 PRODUCERS = {"onnx": "ulsam_deploy.export.onnx", "onnx-int8": "ulsam_deploy.export.quantize",
              "litert": "ulsam_deploy.export.tflite", "tensorrt": "ulsam_deploy.export.tensorrt"}
@@ -35,6 +40,7 @@ class ExportRequest:
     calib_source: str = "photos"
     calib_samples: int = 128
     calib_method: str = "minmax"
+    keep_float: tuple[int, ...] = ()  # paper layers kept in float in the INT8 formats that honour it
 
 
 @dataclass
@@ -57,14 +63,24 @@ class ExportResult:
     seconds: float = 0.0
 
 
+class Interrupted(UlsamError):
+    """Ctrl-C or SIGTERM during an export: what is finished stays, a rerun resumes."""
+
+    exit_code = 130
+
+
 def _start_manifest(out: Path, request: ExportRequest, weights: str) -> Manifest:
+    """The directory's manifest if it is this model's (entries that no longer fit the schema dropped),
+    else a fresh one with the reference weights written."""
     spec = request.model.spec
-    try:
-        manifest = Manifest.load(out)
-        manifest.verify_model(spec, weights, request.model_name)
-        return manifest
-    except (UlsamError, KeyError):
-        pass   # no usable manifest, or one from another model: start afresh
+    manifest = Manifest.salvage(out)
+    if manifest is not None:
+        try:
+            manifest.verify_model(spec, weights, request.model_name)
+            if manifest.data.get("reference_sha256") == _sha_or_none(out / REFERENCE):
+                return manifest
+        except UlsamError:
+            pass   # another model's directory: start afresh
     manifest = Manifest.create(out, spec, request.model_name, weights, request.checkpoint,
                                request.preprocessing, request.dataset)
     save_checkpoint(request.model, out / REFERENCE)
@@ -73,15 +89,119 @@ def _start_manifest(out: Path, request: ExportRequest, weights: str) -> Manifest
     return manifest
 
 
-def _is_current(manifest: Manifest, name: str, calib: dict | None) -> bool:
+def _sha_or_none(path: Path) -> str | None:
+    return sha256_file(path) if path.is_file() else None
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse, before anything is written, an --out that cannot become a writable directory."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise InputFileError(f"--out {out} exists and is not a folder", "name a folder")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise InputFileError(f"--out {out} is not writable", "choose a folder you can write to")
+        return
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputFileError(f"--out {out} cannot be created: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or str(out.resolve()).startswith("/proc/"):
+        raise InputFileError(f"--out {out} cannot be created: {parent} is not writable",
+                             "choose a folder you can write to")
+
+
+def validate(request: ExportRequest) -> DataSet | None:
+    """Every check that can fail on the user's input, before anything is written; returns the
+    calibration set when a calibrated format is asked for."""
+    from .quantize import METHODS
+
+    unknown = [n for n in request.formats if n not in FORMATS]
+    if unknown:
+        raise UlsamError(f"format {unknown[0]!r} is unknown", f"choose from {', '.join(FORMATS)}")
+    if request.calib_method not in METHODS:
+        raise UlsamError(f"calibration method {request.calib_method!r} is unknown", f"choose one of {', '.join(METHODS)}")
+    check_keep_float(request.keep_float, request.model.spec)
+    if any(FORMATS[n].backend == "tensorrt" for n in request.formats):
+        from .tensorrt import require as require_tensorrt
+
+        require_tensorrt("TensorRT export")
+    if any(FORMATS[n].backend == "litert" for n in request.formats):
+        require("litert", "TFLite export")
+    if not any(FORMATS[name].calibrated for name in request.formats):
+        return None
+    return calibration_set(request.calib_source, request.model.spec.input_size, request.calib_samples,
+                           Preprocessing.from_dict(request.preprocessing))   # the model's own preprocessing
+
+
+def run_export(request: ExportRequest, out: Path, on_step=None) -> ExportResult:
+    """Produce ``request.formats`` in ``out``; see the module docstring for what is rebuilt.
+
+    ``on_step(description)`` is called as each step starts (for a progress display)."""
+    start = time.perf_counter()
+    out = Path(out)
+    calib = validate(request)
+    check_output_dir(out)
+    created = not out.exists()
+    result = ExportResult(str(out), request.model_name)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with locked(out, "write"):
+            _export_locked(request, out, calib, result, on_step or (lambda what: None))
+    except KeyboardInterrupt:
+        kept = ", ".join(a.format for a in result.artifacts) or "nothing finished yet"
+        raise Interrupted(f"interrupted; kept in {out}: {kept}", "re-run the same command to resume") from None
+    except OSError as exc:
+        if created and not result.artifacts:
+            shutil.rmtree(out, ignore_errors=True)
+        raise InputFileError(f"cannot write to {out}: {exc.strerror or exc}",
+                             "free space or choose another --out") from None
+    result.calibration = Manifest.load(out).data.get("calibration")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _export_locked(request: ExportRequest, out: Path, calib: DataSet | None, result: ExportResult, on_step) -> None:
+    on_step("reference weights")
+    manifest = _start_manifest(out, request, weights_sha256(request.model))
+    manifest.promise(request.formats)
+    if calib is not None:
+        manifest.data["calibration"] = calib.describe() | {"method": request.calib_method}
+        manifest.save()
+    for name in request.formats:
+        fmt = FORMATS[name]
+        calib_info = manifest.data.get("calibration") if fmt.calibrated else None
+        if _is_current(manifest, name, calib_info, request.keep_float):
+            entry = manifest.artifacts[name]
+            result.artifacts.append(ExportedArtifact(name, entry["file"], fmt.precision, fmt.backend,
+                                                     entry["size_bytes"] / 1e6, entry["seconds"], "kept"))
+            continue
+        on_step(name)
+        t0 = time.perf_counter()
+        details = _produce(name, request, manifest, calib)
+        details["recipe"] = RECIPE
+        if name in KEEP_FLOAT_FORMATS:
+            details["keep_float"] = sorted(request.keep_float)
+        details["io"] = describe_io(manifest.directory / fmt.filename, fmt.backend)
+        if fmt.calibrated:
+            details |= {"calibration_sha256": calib.sha256, "calibration_method": request.calib_method}
+        entry = manifest.record(name, fmt.filename, fmt.precision, fmt.backend, time.perf_counter() - t0, **details)
+        result.artifacts.append(ExportedArtifact(name, fmt.filename, fmt.precision, fmt.backend,
+                                                 entry["size_bytes"] / 1e6, entry["seconds"], "built"))
+
+
+def _is_current(manifest: Manifest, name: str, calib: dict | None, keep_float: tuple[int, ...] = ()) -> bool:
     entry = manifest.artifacts.get(name)
     if entry is None:
+        return False
+    if name in KEEP_FLOAT_FORMATS and entry.get("keep_float", []) != sorted(keep_float):
         return False
     try:
         manifest.verify_artifact(name)
     except StaleArtifactError:
         return False
-    if entry.get("recipe") != RECIPE:
+    if entry.get("recipe") != RECIPE or "io" not in entry:
         return False
     if FORMATS[name].backend == "tensorrt":
         from .tensorrt import engine_mismatch, environment
@@ -97,44 +217,6 @@ def _is_current(manifest: Manifest, name: str, calib: dict | None) -> bool:
     return entry.get("calibration_sha256") == calib.get("sha256") and entry.get("calibration_method") == calib.get("method")
 
 
-def run_export(request: ExportRequest, out: Path) -> ExportResult:
-    """Produce ``request.formats`` in ``out``; see the module docstring for what is rebuilt."""
-    start = time.perf_counter()
-    out = Path(out)
-    weights = weights_sha256(request.model)
-    if any(FORMATS[n].backend == "tensorrt" for n in request.formats):
-        from .tensorrt import require
-
-        require("TensorRT export")    # fail before calibrating or writing anything
-    manifest = _start_manifest(out, request, weights)
-    result = ExportResult(str(out), request.model_name)
-    calib: DataSet | None = None
-    if any(FORMATS[name].calibrated for name in request.formats):
-        calib = calibration_set(request.calib_source, request.model.spec.input_size, request.calib_samples)
-        described = calib.describe() | {"method": request.calib_method}
-        manifest.data["calibration"] = described
-        manifest.save()
-    for name in request.formats:
-        fmt = FORMATS[name]
-        calib_info = manifest.data.get("calibration") if fmt.calibrated else None
-        if _is_current(manifest, name, calib_info):
-            entry = manifest.artifacts[name]
-            result.artifacts.append(ExportedArtifact(name, entry["file"], fmt.precision, fmt.backend,
-                                                     entry["size_bytes"] / 1e6, entry["seconds"], "kept"))
-            continue
-        t0 = time.perf_counter()
-        details = _produce(name, request, manifest, calib)
-        details["recipe"] = RECIPE
-        if fmt.calibrated:
-            details |= {"calibration_sha256": calib.sha256, "calibration_method": request.calib_method}
-        entry = manifest.record(name, fmt.filename, fmt.precision, fmt.backend, time.perf_counter() - t0, **details)
-        result.artifacts.append(ExportedArtifact(name, fmt.filename, fmt.precision, fmt.backend,
-                                                 entry["size_bytes"] / 1e6, entry["seconds"], "built"))
-    result.calibration = manifest.data.get("calibration")
-    result.seconds = time.perf_counter() - start
-    return result
-
-
 def _produce(name: str, request: ExportRequest, manifest: Manifest, calib: DataSet | None) -> dict:
     fmt, directory = FORMATS[name], manifest.directory
     target = directory / fmt.filename
@@ -147,10 +229,12 @@ def _produce(name: str, request: ExportRequest, manifest: Manifest, calib: DataS
         from .quantize import quantize_int8
 
         return quantize_int8(directory / FORMATS["onnx"].filename, target, calib.images, request.calib_method,
-                             encoding="tensorrt" if name == "onnx-int8-trt" else "ort")
+                             encoding="tensorrt" if name == "onnx-int8-trt" else "ort",
+                             keep_float=request.keep_float, reference=request.model)
     try:
         producer = importlib.import_module(PRODUCERS[fmt.backend])
     except ModuleNotFoundError as exc:
         raise BackendUnavailable(f"format {name} needs {exc.name}, which is not installed",
-                                 f"pip install 'ulsam-deploy[{EXTRAS.get(fmt.backend, 'all')}]'") from None
-    return producer.produce(name, manifest, target, calib)
+                                 install_hint(fmt.backend)) from None
+    extra = {"keep_float": request.keep_float} if fmt.backend == "litert" else {}
+    return producer.produce(name, manifest, target, calib, **extra)

@@ -8,17 +8,23 @@ INT8 is built from the SavedModel onnx2tf writes, calibrated on the same calibra
 ONNX INT8 (NHWC, normalised - the model's own input). The default keeps ULSAM's attention path
 (SOFTMAX, the RESHAPE that follows it, the MUL x*A and the ADD x*A + x) in float: LiteRT's INT8
 softmax has a fixed output scale of 1/256, which leaves attention weights over 16-196 positions
-within a few quantisation steps. ``tflite-int8-plain`` is the plain full-integer model, for comparison.
+within a few quantisation steps. It also keeps the classifier (FULLY_CONNECTED) in float with float32
+model input and output, so logits beyond the calibrated range are not clipped, and the ops of the
+``keep_float`` paper layers (located through :mod:`ulsam_deploy.layermap` on onnx2tf's float model, whose
+tensor keys the quantised model shares). ``tflite-int8-plain`` is the converter's plain full-integer
+model (int8 I/O), for comparison.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -29,6 +35,7 @@ from . import FORMATS
 
 SAMPLE_NAME = "calibration_image_sample_data_20x128x128x3_float32.npy"
 _SAVED: dict[str, tempfile.TemporaryDirectory] = {}   # onnx sha256 -> onnx2tf output, reused within a run
+_LOCATED: dict[str, dict] = {}                          # onnx2tf output folder -> taps and layer members
 
 
 def _require() -> None:
@@ -52,7 +59,7 @@ def _onnx2tf(onnx_path: Path) -> Path:
     np.save(work / SAMPLE_NAME, sample.preprocessing.denormalise(sample.images))
     try:
         _worker("convert", str(work / "model.onnx"), str(work / "out"), cwd=work)
-    except UlsamError:
+    except BaseException:   # also Ctrl-C / SIGTERM: leave no scratch folder behind
         scratch.cleanup()
         raise
     _SAVED[digest] = scratch
@@ -68,12 +75,44 @@ def _worker(*args: str, cwd: Path) -> None:
         raise UlsamError(f"TFLite conversion ({args[0]}) failed, exit {proc.returncode}: {lines[-1][:300]}")
 
 
-def produce(name: str, manifest, target: Path, calib) -> dict:
-    """Write the TFLite artifact ``name`` of ``manifest``'s ONNX to ``target``."""
+def _located(out: Path, manifest) -> dict:
+    """Taps and layer members of onnx2tf's float model (the quantised models share its tensor keys)."""
+    if str(out) not in _LOCATED:
+        from .. import layermap
+        from ..manifest import REFERENCE
+        from ..nets import load_model
+        from ..runtime.litert import open_interpreter
+
+        reference = load_model(manifest.directory / REFERENCE)
+        float_model = out / "model_float32.tflite"
+        taps, locations = layermap.taps_of(reference), layermap.tflite_locations(float_model, reference)
+        nodes, graph_input = layermap.tflite_graph(open_interpreter(float_model))
+        _LOCATED[str(out)] = {"taps": locations, "members": layermap.layer_members(nodes, locations, taps, graph_input),
+                              "inputs": layermap.layer_inputs(locations, taps, graph_input), "graph_input": graph_input}
+    return _LOCATED[str(out)]
+
+
+def _float_ops(located: dict, keep_float: Sequence[int]) -> list[str]:
+    """Tensor keys of the ops to keep float for ``keep_float``: each layer's ops and the op writing its
+    input - LiteRT quantises a tensor where it is produced, so a float layer's input must be produced in float."""
+    keys: list[str] = []
+    for layer in sorted(keep_float):
+        if not located["members"].get(layer):
+            raise UlsamError(f"layer {layer} was not found in the TFLite model")
+        source = located["inputs"][layer]
+        keys += located["members"][layer] + ([source] if source != located["graph_input"] else [])
+    return list(dict.fromkeys(keys))
+
+
+def produce(name: str, manifest, target: Path, calib, keep_float: Sequence[int] = ()) -> dict:
+    """Write the TFLite artifact ``name`` of ``manifest``'s ONNX to ``target``; ``keep_float`` paper
+    layers stay float in ``tflite-int8`` (the plain model is the converter's untouched full-integer one)."""
     _require()
     fmt = FORMATS[name]
     out = _onnx2tf(manifest.directory / FORMATS["onnx"].filename)
-    details = {"converter": "onnx2tf", "layout": "NHWC", "input_quantization": None}
+    located = _located(out, manifest)
+    # the I/O (layout, dtypes, quantisation) is read back by the pipeline; the taps serve `inspect`
+    details = {"converter": "onnx2tf", "taps": located["taps"]}
     with atomic_path(target) as tmp:
         if fmt.precision in ("fp32", "fp16"):
             produced = out / f"model_{'float32' if fmt.precision == 'fp32' else 'float16'}.tflite"
@@ -84,9 +123,13 @@ def produce(name: str, manifest, target: Path, calib) -> dict:
             keep = name == "tflite-int8"
             calib_file = out.parent / f"calib-{calib.sha256[:16]}.npy"
             np.save(calib_file, np.ascontiguousarray(calib.images.transpose(0, 2, 3, 1), np.float32))
+            float_file = out.parent / "float-ops.json"
+            float_file.write_text(json.dumps(_float_ops(located, keep_float) if keep else []))
             _worker("quantize", str(out), str(calib_file), str(tmp), "attention-float" if keep else "plain",
-                    cwd=out.parent)
-            details |= {"converter": "onnx2tf SavedModel -> tf.lite.TFLiteConverter (full integer, int8 I/O)",
-                        "attention_path": "float" if keep else "int8",
+                    str(float_file), cwd=out.parent)
+            details |= {"converter": "onnx2tf SavedModel -> tf.lite.TFLiteConverter (full integer, int8 I/O)"
+                                     if not keep else "onnx2tf SavedModel -> tf.lite.TFLiteConverter (selective)",
+                        "attention_path": "float" if keep else "int8", "logits": "float" if keep else "int8",
+                        "keep_float": sorted(keep_float) if keep else [],
                         "calibration_layout": "NHWC, normalised (the model input)"}
     return details

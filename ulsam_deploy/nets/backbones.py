@@ -14,6 +14,8 @@ from ..arch import LayerDef
 from ..spec import ModelSpec
 from .ulsam import ULSAM
 
+ACTIVATION_MODULES: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "relu6": nn.ReLU6}
+
 
 def conv_bn_act(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1,
                 act: type[nn.Module] | None = nn.ReLU) -> nn.Sequential:
@@ -25,12 +27,12 @@ def conv_bn_act(cin: int, cout: int, kernel: int, stride: int = 1, groups: int =
 
 
 class DepthwiseSeparable(nn.Module):
-    """MobileNet-V1 block: depthwise 3x3 + BN + ReLU, pointwise 1x1 + BN + ReLU."""
+    """MobileNet-V1 block: depthwise 3x3 + BN + act, pointwise 1x1 + BN + act."""
 
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, act: type[nn.Module] = nn.ReLU):
         super().__init__()
-        self.dw = conv_bn_act(cin, cin, 3, stride, groups=cin)
-        self.pw = conv_bn_act(cin, cout, 1)
+        self.dw = conv_bn_act(cin, cin, 3, stride, groups=cin, act=act)
+        self.pw = conv_bn_act(cin, cout, 1, act=act)
 
     def forward(self, x):
         return self.pw(self.dw(x))
@@ -39,13 +41,13 @@ class DepthwiseSeparable(nn.Module):
 class InvertedResidual(nn.Module):
     """MobileNet-V2 block: expand 1x1 (if t > 1), depthwise 3x3, linear projection; residual if shape kept."""
 
-    def __init__(self, cin: int, cout: int, stride: int, expansion: int):
+    def __init__(self, cin: int, cout: int, stride: int, expansion: int, act: type[nn.Module] = nn.ReLU6):
         super().__init__()
         hidden = cin * expansion
         layers: list[nn.Module] = []
         if expansion != 1:
-            layers.append(conv_bn_act(cin, hidden, 1, act=nn.ReLU6))
-        layers += [conv_bn_act(hidden, hidden, 3, stride, groups=hidden, act=nn.ReLU6),
+            layers.append(conv_bn_act(cin, hidden, 1, act=act))
+        layers += [conv_bn_act(hidden, hidden, 3, stride, groups=hidden, act=act),
                    conv_bn_act(hidden, cout, 1, act=None)]
         self.conv = nn.Sequential(*layers)
         self.residual = stride == 1 and cin == cout
@@ -54,30 +56,31 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.residual else self.conv(x)
 
 
-def _backbone_layer(arch: str, layer: LayerDef) -> nn.Module:
+def _backbone_layer(layer: LayerDef, act: type[nn.Module]) -> nn.Module:
     if layer.kind == "conv3x3":
-        return conv_bn_act(layer.cin, layer.cout, 3, layer.stride, act=nn.ReLU if arch == "mv1" else nn.ReLU6)
+        return conv_bn_act(layer.cin, layer.cout, 3, layer.stride, act=act)
     if layer.kind == "dws":
-        return DepthwiseSeparable(layer.cin, layer.cout, layer.stride)
+        return DepthwiseSeparable(layer.cin, layer.cout, layer.stride, act)
     if layer.kind == "inverted_residual":
-        return InvertedResidual(layer.cin, layer.cout, layer.stride, layer.expansion)
-    return conv_bn_act(layer.cin, layer.cout, 1, act=nn.ReLU6)
+        return InvertedResidual(layer.cin, layer.cout, layer.stride, layer.expansion, act)
+    return conv_bn_act(layer.cin, layer.cout, 1, act=act)
 
 
 class MobileNet(nn.Module):
-    """MV1 or MV2 (by ``spec.arch``) with ULSAM at ``spec.placements``."""
+    """MV1 or MV2 (by ``spec.arch``, activation ``spec.activation``) with ULSAM at ``spec.placements``."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
         modes = {p.layer: p.mode for p in spec.placements}
+        act = ACTIVATION_MODULES[spec.activation]
         blocks: OrderedDict[str, nn.Module] = OrderedDict()
         for layer in spec.layers:
             mode = modes.get(layer.number)
             if mode == "substitute":
                 blocks[f"layer{layer.number}"] = ULSAM(layer.cout, spec.groups)
             else:
-                blocks[f"layer{layer.number}"] = _backbone_layer(spec.arch, layer)
+                blocks[f"layer{layer.number}"] = _backbone_layer(layer, act)
             if mode == "insert":
                 blocks[f"ulsam{layer.number}"] = ULSAM(layer.cout, spec.groups)
         self.features = nn.Sequential(blocks)

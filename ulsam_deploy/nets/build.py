@@ -1,11 +1,13 @@
 """Spec -> module, and checkpoints: safetensors with the spec in the metadata, or .pth/.pt read
-with ``torch.load(weights_only=True)``. Official ULSAM layouts are detected and mapped."""
+with ``torch.load(weights_only=True)``. Other layouts (official ULSAM, torchvision, timm) are detected
+and renamed to ours by :mod:`.layouts` as they are read."""
 
 from __future__ import annotations
 
 import hashlib
 import pickle
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,7 +16,7 @@ from ..errors import InputFileError, SpecError
 from ..fileio import atomic_path
 from ..spec import ModelSpec
 from .backbones import MobileNet
-from .ulsam import from_official, is_official_layout
+from .layouts import Layout, check_compatible, to_ours, unwrap
 
 CHECKPOINT_NAME = "model.safetensors"
 FORMAT_TAG = "ulsam-deploy/1"
@@ -61,21 +63,47 @@ def save_checkpoint(model: MobileNet, path: Path, extra: dict[str, str] | None =
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT_TAG, "spec": model.spec.to_json(), **(extra or {})}
+    from safetensors import SafetensorError
+
     with atomic_path(Path(path)) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+        try:
+            save_file(state, str(tmp), metadata=metadata)
+        except SafetensorError as exc:   # e.g. "No space left on device": an I/O error like any other write
+            raise OSError(f"cannot write {Path(path).name}: {str(exc).split('I/O error: ')[-1]}") from None
     return Path(path)
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], ModelSpec | None]:
-    """Read tensors (and the spec, when the file carries one) from a checkpoint or model folder."""
+@dataclass
+class Checkpoint:
+    """A checkpoint file read and renamed to our layout."""
+
+    path: Path
+    state: dict[str, torch.Tensor]                    # our tensor names
+    layout: Layout                                    # the names it came with
+    spec: ModelSpec | None = None                     # the spec it carries (our safetensors only)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint or model folder: container unwrapped, layout detected, names mapped to ours."""
     path = checkpoint_file(path)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        return _load_safetensors(path)
-    if suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        return _load_pickle(path), None
-    raise InputFileError(f"checkpoint {path.name} has an unknown extension {suffix or '(none)'}",
-                         "use .safetensors (preferred) or .pth/.pt")
+        state, metadata = read_safetensors(path)
+        spec = ModelSpec.from_json(metadata["spec"]) if "spec" in metadata else None
+    elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        state, metadata, spec = _load_pickle(path), {}, None
+    else:
+        raise InputFileError(f"checkpoint {path.name} has an unknown extension {suffix or '(none)'}",
+                             "use .safetensors (preferred) or .pth/.pt")
+    state, layout = to_ours(unwrap(state, str(path)), str(path))
+    return Checkpoint(path, state, layout, spec, metadata)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], ModelSpec | None]:
+    """Tensors in our names (and the spec, when the file carries one) of a checkpoint or model folder."""
+    checkpoint = read_checkpoint(path)
+    return checkpoint.state, checkpoint.spec
 
 
 def read_safetensors(path: Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -101,13 +129,7 @@ def stored_spec(path: Path) -> ModelSpec | None:
     return ModelSpec.from_json(metadata["spec"]) if "spec" in metadata else None
 
 
-def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], ModelSpec | None]:
-    state, metadata = read_safetensors(path)
-    spec = ModelSpec.from_json(metadata["spec"]) if "spec" in metadata else None
-    return state, spec
-
-
-def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+def _load_pickle(path: Path) -> object:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -117,19 +139,11 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputFileError(f"{path} is not a readable PyTorch checkpoint: {first[:160]}") from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise InputFileError(f"{path} does not hold a state_dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return obj
 
 
 def load_state(model: MobileNet, state: dict[str, torch.Tensor], source: str = "checkpoint") -> MobileNet:
-    """Load ``state`` into ``model`` strictly; name the first mismatching tensor and both shapes."""
-    if is_official_layout(state):
-        state = from_official(state)
+    """Load ``state`` (our names) into ``model`` strictly; name the first mismatching tensor and both shapes."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -152,11 +166,17 @@ def load_model(path: Path, spec: ModelSpec | None = None) -> MobileNet:
 
     ``spec`` is required for files without one (.pth) and, when both exist, must agree.
     """
-    state, stored = load_checkpoint(path)
+    return model_from(read_checkpoint(path), spec)
+
+
+def model_from(checkpoint: Checkpoint, spec: ModelSpec | None = None) -> MobileNet:
+    """The network of ``checkpoint`` (see :func:`load_model`), every tensor loaded strictly."""
+    path, stored = checkpoint.path, checkpoint.spec
     if stored is not None and spec is not None and stored != spec:
         raise SpecError(f"checkpoint {path} holds {stored.name}, not the requested {spec.name}",
                         "drop the spec options or pass the matching checkpoint")
     spec = stored or spec
     if spec is None:
         raise SpecError(f"checkpoint {path} carries no model spec", "pass --arch/--positions/--groups too")
-    return load_state(build_model(spec, seed=None), state, source=str(path))
+    check_compatible(checkpoint.layout, spec, str(path))
+    return load_state(build_model(spec, seed=None), checkpoint.state, source=str(path))

@@ -1,0 +1,242 @@
+"""Layer by layer: where an artifact's numbers leave the eager model's (``ulsam-deploy inspect``).
+
+Each artifact is run through a probe (:mod:`.probe`) - its own file in its own runtime, proven to be
+so by logits identical to its Runner's on every batch - and every paper layer's output and every ULSAM
+attention map (N, g, H, W) is compared with the eager fp32 model on the same batch. Statistics
+accumulate batch by batch; the first layer whose error jumps is named per artifact.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InputFileError, UlsamError
+from .layermap import Tap, eager_taps, onnx_locations, taps_of
+
+JUMP_DB = 6.0          # a jump: SQNR falls by >= 6 dB (the error at least doubles) from one layer to the next
+DEFAULT_IMAGES = 256
+SETTLE_IMAGES = 128    # images on which a probe must reproduce the Runner's logits before it is used
+SQNR_CAP_DB = 200.0    # identical tensors (JSON has no infinity)
+PICTURE_IMAGES = 2     # images whose attention maps are kept for the picture
+
+
+@dataclass
+class TapStats:
+    label: str
+    key: str
+    layer: int
+    kind: str                           # "output", "attention" or "logits"
+    ulsam: bool
+    observed: str                       # post-/pre-quantisation, float, output, or not observable
+    cosine_mean: float | None           # per sample (attention: per map over H*W)
+    cosine_min: float | None
+    rel_error: float | None             # mean over samples (maps) of |artifact - eager| / |eager|
+    sqnr_db: float | None               # 10 log10(sum eager^2 / sum (artifact - eager)^2) over the tensor
+    argmax_agreement: float | None = None   # attention maps: % whose peak position agrees with eager
+    drop_db: float | None = None        # SQNR lost since the previous layer's output
+
+
+@dataclass
+class ArtifactInspection:
+    artifact: str
+    backend: str
+    precision: str
+    count: int
+    logits_identical: bool              # the probe's logits equal the artifact Runner's, every batch
+    logits_max_diff: float
+    first_jump_layer: int | None        # paper layer number where the error first jumps
+    first_jump: str | None              # its row label ("13", "8:1", ...)
+    keep_float: list[int] = field(default_factory=list)
+    rows: list[TapStats] = field(default_factory=list)
+
+
+@dataclass
+class Inspection:
+    directory: str
+    model: str
+    data: str
+    count: int
+    artifacts: list[ArtifactInspection] = field(default_factory=list)
+
+
+@dataclass
+class AttentionSamples:
+    """What the picture needs besides the statistics: a few inputs and their attention maps."""
+
+    images: np.ndarray                                  # (K, H, W, 3), displayable RGB in [0, 1]
+    eager: dict[str, np.ndarray] = field(default_factory=dict)                 # tap key -> (K, g, h, w)
+    artifacts: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # artifact -> tap key -> maps
+
+
+class _TapAccumulator:
+    """Online statistics of one tap (float64 sums, O(1) memory in the number of images)."""
+
+    def __init__(self, tap: Tap):
+        self.tap = tap
+        self.ref2 = self.diff2 = self.cos_sum = self.rel_sum = 0.0
+        self.cos_min, self.n, self.argmax_hits = math.inf, 0, 0
+
+    def update(self, value: np.ndarray, reference: np.ndarray) -> None:
+        units = reference.shape[0] * (reference.shape[1] if self.tap.kind == "attention" else 1)
+        ref = reference.astype(np.float64).reshape(units, -1)
+        out = value.astype(np.float64).reshape(units, -1)
+        diff = out - ref
+        ref_norm, out_norm = np.linalg.norm(ref, axis=1), np.linalg.norm(out, axis=1)
+        denominator = ref_norm * out_norm
+        cosine = np.where(denominator > 0, (ref * out).sum(1) / np.maximum(denominator, 1e-300), 1.0)
+        self.ref2 += float((ref ** 2).sum())
+        self.diff2 += float((diff ** 2).sum())
+        self.cos_sum += float(cosine.sum())
+        self.cos_min = min(self.cos_min, float(cosine.min()))
+        self.rel_sum += float((np.linalg.norm(diff, axis=1) / np.maximum(ref_norm, 1e-30)).sum())
+        self.n += units
+        if self.tap.kind == "attention":
+            self.argmax_hits += int((ref.argmax(1) == out.argmax(1)).sum())
+
+    def result(self, observed: str) -> TapStats:
+        sqnr = min(10 * math.log10(self.ref2 / self.diff2), SQNR_CAP_DB) if self.diff2 > 0 else SQNR_CAP_DB
+        return TapStats(self.tap.label, self.tap.key, self.tap.layer, self.tap.kind, self.tap.ulsam, observed,
+                        self.cos_sum / self.n, self.cos_min, self.rel_sum / self.n, sqnr,
+                        100.0 * self.argmax_hits / self.n if self.tap.kind == "attention" else None)
+
+
+def mark_jump(rows: list[TapStats]) -> tuple[int | None, str | None]:
+    """Fill each output row's SQNR drop; return the first row whose drop is at least JUMP_DB and at least
+    half the largest drop, or None when every layer output is float-exact (SQNR >= 60 dB).
+
+    Only layer outputs count (an attention map's error is its own). Half the largest: every INT8
+    MobileNet-V2 loses ~10 dB in its first blocks, which is not where a damaged layer's error jumps."""
+    outputs = [row for row in rows if row.kind == "output" and row.sqnr_db is not None]
+    for previous, row in zip(outputs, outputs[1:]):
+        if math.isfinite(previous.sqnr_db) and math.isfinite(row.sqnr_db):
+            row.drop_db = previous.sqnr_db - row.sqnr_db
+    drops = [row for row in outputs if row.drop_db is not None]
+    if not drops or min(row.sqnr_db for row in outputs) >= 60:
+        return None, None
+    bar = max(JUMP_DB, 0.5 * max(row.drop_db for row in drops))
+    first = next((row for row in drops if row.drop_db >= bar), max(drops, key=lambda row: row.drop_db))
+    return first.layer, first.label
+
+
+def _locations(manifest, name: str, entry: dict, reference, onnx_cache: dict) -> dict[str, dict]:
+    if entry["backend"] == "onnxruntime":
+        if "onnx" not in onnx_cache:
+            onnx_cache["onnx"] = onnx_locations(manifest.verify_artifact("onnx"), reference)
+        return onnx_cache["onnx"]
+    if entry["backend"] == "litert":
+        if "taps" not in entry:
+            raise InputFileError(f"{name} in {manifest.directory} records no layer taps (an older export)",
+                                 "re-run `ulsam-deploy export` to rebuild it")
+        return entry["taps"]
+    raise UlsamError(f"inspect does not probe {entry['backend']} artifacts", "inspect onnx-int8-trt, its input")
+
+
+def inspect_export(directory, formats: list[str] | None, data: str | None, images: int = DEFAULT_IMAGES,
+                   threads: int = 0, batch: int = 32, on_batch=None) -> tuple[Inspection, AttentionSamples]:
+    """Compare every artifact of ``formats`` (default: all but TensorRT engines) layer by layer with the
+    eager model on the first ``images`` images of ``data`` (default: the model's own test set)."""
+    from .data.stream import batches
+    from .manifest import REFERENCE, Manifest, locked
+    from .nets import load_model
+    from .probe import open_probe
+    from .runtime import open_artifact
+    from .verify import data_source
+
+    with locked(directory, "read"):
+        manifest = Manifest.load(directory)
+        reference = load_model(manifest.directory / REFERENCE)
+        names = formats or [n for n, e in manifest.artifacts.items() if e["backend"] != "tensorrt"]
+        taps, onnx_cache = taps_of(reference), {}
+        located = {}
+        for name in names:
+            entry = manifest.artifacts.get(name)
+            if entry is None:
+                raise InputFileError(f"{manifest.directory} has no artifact {name!r}",
+                                     f"it has: {', '.join(manifest.artifacts) or 'none'}")
+            located[name] = {k: v for k, v in _locations(manifest, name, entry, reference, onnx_cache).items()
+                             if k != "logits"}
+        paths = {name: manifest.verify_artifact(name) for name in names}
+        source = data_source(manifest, data)
+        accumulators = {name: {t.key: _TapAccumulator(t) for t in taps} for name in names}
+        identical = {name: True for name in names}
+        max_diff = {name: 0.0 for name in names}
+        samples: AttentionSamples | None = None
+        probes, plain, seen = {}, {}, 0
+        stream = batches(source, batch)
+        first = _first_images(stream, min(images, SETTLE_IMAGES))
+        if not len(first.images):
+            raise InputFileError(f"no usable images in {source.name}")
+        try:
+            for chunk in itertools.chain([first], stream):
+                x = chunk.images[: images - seen]
+                eager = eager_taps(reference, x)
+                shapes = {k: v.shape for k, v in eager.items()}
+                if samples is None:
+                    samples = _start_samples(x, eager, manifest)
+                for name in names:
+                    entry = manifest.artifacts[name]
+                    if name not in probes:
+                        probes[name] = open_probe(paths[name], entry["backend"], entry["precision"], threads,
+                                                  located[name], first.images)
+                        plain[name] = open_artifact(paths[name], entry["backend"], entry["precision"], threads)
+                    logits, values = probes[name](x, shapes)
+                    expected = plain[name](x)
+                    identical[name] &= bool(np.array_equal(logits, expected))
+                    max_diff[name] = max(max_diff[name], float(np.abs(logits - expected).max()))
+                    values["logits"] = logits
+                    for key, value in values.items():
+                        accumulators[name][key].update(value, eager[key])
+                    _keep_samples(samples, name, values)
+                seen += len(x)
+                if on_batch:
+                    on_batch(len(x))
+                if seen >= images:
+                    break
+        finally:
+            for runner in list(probes.values()) + list(plain.values()):
+                runner.close()
+    result = Inspection(str(manifest.directory), manifest.data.get("model", ""), source.name, seen)
+    for name in names:
+        entry = manifest.artifacts[name]
+        observed = probes[name].observed | {"logits": "output"}
+        # a tap the probe could not read without changing the artifact's numbers keeps its row, empty
+        rows = [accumulators[name][t.key].result(observed[t.key]) if accumulators[name][t.key].n else
+                TapStats(t.label, t.key, t.layer, t.kind, t.ulsam, "not observable", None, None, None, None)
+                for t in taps]
+        layer, label = mark_jump(rows)
+        result.artifacts.append(ArtifactInspection(name, entry["backend"], entry["precision"], seen, identical[name],
+                                                   max_diff[name], layer, label, list(entry.get("keep_float", [])),
+                                                   rows))
+    return result, samples
+
+
+def _first_images(stream, count: int):
+    """The stream's first batches joined until ``count`` images (one batch for the probes to settle on)."""
+    from .data.stream import Batch
+
+    parts = []
+    for chunk in stream:
+        parts.append(chunk)
+        if sum(len(p.images) for p in parts) >= count:
+            break
+    if not parts:
+        return Batch(np.zeros((0, 3, 1, 1), np.float32), None)
+    labels = None if parts[0].labels is None else np.concatenate([p.labels for p in parts])
+    return Batch(np.concatenate([p.images for p in parts]), labels)
+
+
+def _start_samples(x: np.ndarray, eager: dict[str, np.ndarray], manifest) -> AttentionSamples:
+    from .data.preprocess import Preprocessing
+
+    shown = x[:PICTURE_IMAGES]
+    prep = Preprocessing.from_dict(manifest.data["preprocessing"])
+    return AttentionSamples(prep.denormalise(shown), {k: v[:PICTURE_IMAGES] for k, v in eager.items() if k.endswith(".attention")})
+
+
+def _keep_samples(samples: AttentionSamples, name: str, values: dict[str, np.ndarray]) -> None:
+    if name not in samples.artifacts:
+        samples.artifacts[name] = {k: v[:PICTURE_IMAGES] for k, v in values.items() if k.endswith(".attention")}
