@@ -107,10 +107,8 @@ def test_inspect_table_and_refusals(mv2_export, cli, tmp_path):
 # two ULSAMs pass on untouched (MV2 13 and 14) shows its damage only where layer 15 divides it out.
 @pytest.mark.parametrize("spec,layer,jump", [(MV2, 4, (4, 5)), (MV1, 11, (11, 12)),
                                              pytest.param(MV2, 3, (3, 4), marks=pytest.mark.slow),
-                                             pytest.param(MV2, 19, (19,), marks=[pytest.mark.slow, pytest.mark.xfail(
-                                                 reason="the first-jump heuristic does not yet name this plant reliably; inspect is unfinished")]),
-                                             pytest.param(MV2, 13, (15,), marks=[pytest.mark.slow, pytest.mark.xfail(
-                                                 reason="the first-jump heuristic does not yet name this plant reliably; inspect is unfinished")]),
+                                             pytest.param(MV2, 19, (19,), marks=pytest.mark.slow),
+                                             pytest.param(MV2, 13, (15,), marks=pytest.mark.slow),
                                              pytest.param(MV1, 4, (4, 5), marks=pytest.mark.slow)],
                          ids=["mv2-4", "mv1-11", "mv2-3", "mv2-19", "mv2-13", "mv1-4"])
 def test_planted_outlier_fails_check_and_is_named(trained, cli, tmp_path, spec, layer, jump):

@@ -75,7 +75,6 @@ def test_keep_float_repairs_planted_outlier_by_hand(trained, cli, tmp_path):
     assert code == 0 and after["onnx-int8"]["mean_abs"] < before["onnx-int8"]["mean_abs"] / 3
 
 
-@pytest.mark.xfail(reason="--keep-float auto does not yet reach a passing check on the planted models; unfinished")
 @pytest.mark.parametrize("spec,layer", [(MV2, 4), pytest.param(MV1, 4, marks=pytest.mark.slow)],
                          ids=["mv2-4", "mv1-4"])
 def test_keep_float_auto_repairs_planted_outlier(trained, cli, tmp_path, spec, layer):

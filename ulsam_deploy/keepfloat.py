@@ -1,19 +1,16 @@
 """``export --keep-float auto``: keep the most damaging layers in float until ``check`` passes.
 
-Sensitivity is measured, not guessed: for every paper layer, the ONNX Runtime INT8 model (U8S8, the
-same calibration ranges) is rebuilt with only that layer in float and run on the evaluation data; a
-layer's sensitivity is how much that lowers the mean |logit difference| to the eager model. Layers are
-then added worst first, one per step - each step rebuilds every requested INT8 artifact with the new
-list, runs the parity thresholds on them and times them - until ``check`` passes or the next layer would
-push the float layers' share of the model's MACs over the budget.
+Sensitivity is measured, not guessed: ``inspect`` probes the first INT8 artifact and gives the SQNR each
+paper layer loses (dB, against the eager model). The most sensitive layer still quantised - where the
+error first jumps, else the one losing most - is kept in float, one per step; each step rebuilds every
+requested INT8 artifact with the new list, runs the parity thresholds on them, times them and measures
+again, until ``check`` passes or no remaining layer fits the float budget (a share of the model's MACs).
 """
 
 from __future__ import annotations
 
 import functools
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -31,6 +28,7 @@ class FloatStep:
     mac_share: float                      # percent of the model's MACs in the float layers
     results: list = field(default_factory=list)      # ParityResult of each INT8 artifact
     latency_ms: dict[str, float] = field(default_factory=dict)   # artifact -> p50 ms, batch 1
+    sensitivity: list[tuple[int, float]] = field(default_factory=list)   # (layer, dB lost) measured after it
 
     @property
     def passed(self) -> bool:
@@ -41,8 +39,6 @@ class FloatStep:
 class FloatSearch:
     directory: str
     budget: float
-    ranking: list[tuple[int, float]] = field(default_factory=list)   # (layer, mean |logit diff| with it float)
-    baseline_error: float | None = None
     steps: list[FloatStep] = field(default_factory=list)
     chosen: list[int] = field(default_factory=list)
     mac_share: float = 0.0
@@ -70,76 +66,55 @@ def mac_share(layers, spec) -> float:
     return 100.0 * sum(per_layer.get(k, 0) for k in layers) / total
 
 
-def rank_layers(manifest, reference, calibration: np.ndarray, method: str, data: str | None, threads: int,
-                images: int = 128) -> tuple[float, list[tuple[int, float]]]:
-    """(baseline mean |logit diff|, [(layer, mean |logit diff| with only that layer float)] best first)."""
-    from .data.stream import batches
-    from .export import FORMATS
-    from .export.quantize import quantize_int8
-    from .runtime import open_artifact, run_batched, torch_runner
-    from .verify import data_source
+def sensitivity(directory, artifact: str, data: str | None, threads: int, images: int = 128) -> list[tuple[int, float]]:
+    """(paper layer, SQNR lost at its output in dB) measured by ``inspect`` on ``artifact``, most
+    sensitive first: the layer where the error first jumps, then the others by the dB they lose."""
+    from .inspect import inspect_export, mark_jump
 
-    chunks = []
-    for chunk in batches(data_source(manifest, data), 64):
-        chunks.append(chunk.images)
-        if sum(len(c) for c in chunks) >= images:
-            break
-    x = np.concatenate(chunks)[:images]
-    eager = run_batched(torch_runner(reference, threads), x, 64)
-    onnx_path = manifest.directory / FORMATS["onnx"].filename
-
-    def error(layers: tuple[int, ...]) -> float:
-        with tempfile.TemporaryDirectory(prefix="ulsam-rank-") as work:
-            path = Path(work) / "model.int8.onnx"
-            quantize_int8(onnx_path, path, calibration, method, keep_float=layers, reference=reference)
-            runner = open_artifact(path, "onnxruntime", "int8", threads)
-            try:
-                return float(np.abs(run_batched(runner, x, 64) - eager).mean())
-            finally:
-                runner.close()
-
-    baseline = error(())
-    scores = [(k, error((k,))) for k in range(1, len(reference.spec.layers) + 1)]
-    return baseline, sorted(scores, key=lambda item: item[1])
+    inspection, _ = inspect_export(directory, [artifact], data, images, threads)
+    rows = inspection.artifacts[0].rows
+    first, _ = mark_jump(rows)
+    drops = [(r.layer, r.drop_db) for r in rows if r.kind == "output" and r.drop_db is not None]
+    return sorted(drops, key=lambda item: (item[0] != first, -item[1]))
 
 
-def search(export: Callable[[tuple[int, ...]], object], int8_formats: list[str], reference, calibration: np.ndarray,
-           method: str, data: str | None, threads: int, budget: float = DEFAULT_BUDGET,
+def search(export: Callable[[tuple[int, ...]], object], int8_formats: list[str], spec, data: str | None,
+           threads: int, budget: float = DEFAULT_BUDGET,
            on_step: Callable[[FloatStep], None] | None = None) -> FloatSearch:
-    """Run the search; ``export(keep_float)`` (re)exports and returns the directory's Manifest."""
+    """Run the search; ``export(keep_float)`` (re)exports and returns the directory's Manifest.
+
+    Each step measures where the first INT8 artifact loses precision now (``inspect``), keeps the worst
+    layer that is still quantised and fits the budget in float, rebuilds and re-checks. Measuring again
+    after every step matters: a tensor that two layers read stays quantised until both are float, and
+    only then does the next layer's damage show."""
     if not int8_formats:
         raise UlsamError("--keep-float auto needs an INT8 format", "add onnx-int8, onnx-int8-trt or tflite-int8")
     if not 0 < budget <= 100:
         raise UlsamError(f"--float-budget {budget:g} must be a percentage in (0, 100]")
-    spec = reference.spec
+    chosen: list[int] = []
     manifest = export(())
     result = FloatSearch(str(manifest.directory), budget)
     step = _evaluate(manifest, None, (), int8_formats, data, threads, spec)
-    result.steps.append(step)
-    if on_step:
-        on_step(step)
-    if step.passed:
-        result.passed, result.stop = True, "check passes without float layers"
-        return result
-    result.baseline_error, result.ranking = rank_layers(manifest, reference, calibration, method, data, threads)
-    chosen: list[int] = []
-    for layer, score in result.ranking:
-        if score >= result.baseline_error:
-            result.stop = "no remaining layer lowers the error when kept in float"
-            break
-        if mac_share(chosen + [layer], spec) > budget:
-            continue
-        chosen.append(layer)
-        manifest = export(tuple(sorted(chosen)))
-        step = _evaluate(manifest, layer, tuple(sorted(chosen)), int8_formats, data, threads, spec)
+    while True:
         result.steps.append(step)
+        if step.passed:
+            result.passed, result.stop = True, "check passes" if chosen else "check passes without float layers"
+            if on_step:
+                on_step(step)
+            break
+        ranking = [(layer, drop) for layer, drop in sensitivity(manifest.directory, int8_formats[0], data, threads)
+                   if layer not in chosen and drop > 0]
+        step.sensitivity = ranking[:5]
         if on_step:
             on_step(step)
-        if step.passed:
-            result.passed, result.stop = True, "check passes"
+        fitting = [layer for layer, _ in ranking if mac_share(chosen + [layer], spec) <= budget]
+        if not fitting:
+            result.stop = ("the float budget is spent" if ranking else
+                           "no quantised layer loses precision any more")
             break
-    else:
-        result.stop = "every layer that fits the float budget was tried"
+        chosen.append(fitting[0])
+        manifest = export(tuple(sorted(chosen)))
+        step = _evaluate(manifest, fitting[0], tuple(sorted(chosen)), int8_formats, data, threads, spec)
     result.chosen, result.mac_share = sorted(chosen), mac_share(chosen, spec)
     return result
 

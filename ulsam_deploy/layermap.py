@@ -177,7 +177,11 @@ def onnx_locations(onnx_path: Path, model) -> dict[str, dict]:
         modify_model_output_intermediate_tensors(str(onnx_path), augmented)
         dumped = collect_activations(augmented, OneBatch())
     order = [out for node in graph.node for out in node.output if out in dumped]
-    return match(eager_taps(model, sample), [(name, dumped[name][0]) for name in order])
+    located = match(eager_taps(model, sample), [(name, dumped[name][0]) for name in order])
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    for where in located.values():    # the quantiser may fold a Relu/Clip away: the probe checks this
+        where["op"] = producer.get(where["tensor"])
+    return located
 
 
 def onnx_nodes(graph) -> list[tuple[str, list[str], list[str]]]:

@@ -16,6 +16,7 @@ the artifact if those logits equal the Runner's bit for bit; callers check that 
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ class OnnxProbe:
         self.model = onnx.load(str(path))
         graph = self.model.graph
         names = {out for node in graph.node for out in node.output}
+        producer = {out: node.op_type for node in graph.node for out in node.output}
         consumers: dict[str, list] = {}
         for node in graph.node:
             for name in node.input:
@@ -44,7 +46,10 @@ class OnnxProbe:
             tensor = where["tensor"]
             dq = [c.output[0] for q in consumers.get(tensor, []) if q.op_type == "QuantizeLinear"
                   for c in consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"]
-            options = [(dq[0], POST_Q), (tensor, PRE_Q)] if dq else [(tensor, FLOAT)]
+            # before quantisation only where the quantiser kept the float graph's producer: where it folded
+            # a Relu/Clip into the Q/DQ range, the tensor of that name holds the values before the activation
+            pre = [(tensor, PRE_Q)] if producer.get(tensor) == where.get("op") else []
+            options = [(dq[0], POST_Q)] + pre if dq else [(tensor, FLOAT)]
             self.choices[key] = [o for o in options if o[0] in names or o[0] == graph.input[0].name]
         self.observed = self._settle(sample)
 
@@ -101,7 +106,9 @@ class OnnxProbe:
 
 class LiteRTProbe:
     def __init__(self, path: Path, precision: str, threads: int, locations: dict[str, dict]):
-        self.runner = open_artifact(path, "litert", precision, threads, experimental_preserve_all_tensors=True)
+        with warnings.catch_warnings():   # LiteRT warns that preserving tensors costs memory: that is the point
+            warnings.simplefilter("ignore", UserWarning)
+            self.runner = open_artifact(path, "litert", precision, threads, experimental_preserve_all_tensors=True)
         interpreter = self.runner.interpreter
         by_key = {tensor_key(d["name"]): d for d in interpreter.get_tensor_details()}
         missing = [where["tensor"] for where in locations.values() if where["tensor"] not in by_key]

@@ -61,29 +61,26 @@ def keep_float_auto(model_path, options: o.ModelOptions, formats: tuple[str, ...
                     calib_method: str, budget: float, json_out: bool) -> None:
     """``export --keep-float auto``: print each step as it finishes, then the choice."""
     from .. import report, report_inspect
-    from ..data import calibration_set
-    from ..data.preprocess import Preprocessing
     from ..export import KEEP_FLOAT_FORMATS
     from ..keepfloat import search
-    from ..workflow import export_for, resolve_reference
-
-    reference, _, _, dataset, prep = resolve_reference(model_path, options)
-    calibration = calibration_set(calib or dataset or "photos", reference.spec.input_size, calib_samples,
-                                  Preprocessing.from_dict(prep))
+    from ..workflow import export_for
 
     def export(layers: tuple[int, ...]):
         return export_for(model_path, options, formats, out, calib, calib_samples, calib_method, keep_float=layers)[1]
 
     def show(step) -> None:
         added = "start (no float layers)" if step.layer is None else f"+ layer {step.layer}"
+        worst = ", ".join(f"{layer} ({drop:+.1f} dB)" for layer, drop in step.sensitivity)
         lines = "; ".join(f"{r.artifact}: top-1 agr {r.top1_agreement:.2f} %, max abs {r.max_abs:.3g}, "
                           f"p50 {step.latency_ms.get(r.artifact, float('nan')):.2f} ms, "
                           f"{'pass' if r.passed else 'FAIL ' + ', '.join(r.breaches)}" for r in step.results)
         report.log(f"keep-float {added} -> [{','.join(map(str, step.keep_float))}] "
-                   f"({step.mac_share:.1f} % of MACs): {lines}")
+                   f"({step.mac_share:.1f} % of MACs): {lines}" + (f"; most sensitive now: {worst}" if worst else ""))
 
-    int8 = [name for name in formats if name in KEEP_FLOAT_FORMATS and not name.startswith("trt-")]
-    result = search(export, int8, reference, calibration.images, calib_method, None, 0, budget, on_step=show)
+    # measured on the first of these (ONNX Runtime's when there): TensorRT engines are not probed
+    int8 = [name for name in KEEP_FLOAT_FORMATS if name in formats and not name.startswith("trt-")]
+    manifest = export(())
+    result = search(export, int8, manifest.spec, None, 0, budget, on_step=show)
     if json_out:
         report.print_json(result)
     else:

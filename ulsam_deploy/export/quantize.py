@@ -78,7 +78,7 @@ def _method(name: str):
 
 
 _RANGES: dict[tuple[str, str, str], tempfile.TemporaryDirectory] = {}
-_MEMBERS: dict[str, dict[int, list[str]]] = {}   # float ONNX sha256 -> paper layer -> node names
+_MEMBERS: dict[str, tuple] = {}   # float ONNX sha256 -> (layer -> node names, layer -> input tensor)
 
 
 def ranges_for(fp32_path: Path, calibration: np.ndarray, method: str) -> Path:
@@ -176,14 +176,21 @@ def _layer_nodes(fp32_path: Path, model, keep_float: Sequence[int], reference) -
 
     key = hashlib.sha256(Path(fp32_path).read_bytes()).hexdigest()   # the ONNX holds the weights: one model
     if key not in _MEMBERS:
-        _MEMBERS[key] = layermap.layer_members(layermap.onnx_nodes(model.graph),
-                                               layermap.onnx_locations(fp32_path, reference),
-                                               layermap.taps_of(reference), model.graph.input[0].name)
-    members = _MEMBERS[key]
+        nodes, taps = layermap.onnx_nodes(model.graph), layermap.taps_of(reference)
+        locations, graph_input = layermap.onnx_locations(fp32_path, reference), model.graph.input[0].name
+        _MEMBERS[key] = (layermap.layer_members(nodes, locations, taps, graph_input),
+                         layermap.layer_inputs(locations, taps, graph_input))
+    members, inputs = _MEMBERS[key]
     missing = [k for k in keep_float if not members.get(k)]
     if missing:
         raise UlsamError(f"layer {missing[0]} was not found in {Path(fp32_path).name}")
-    return [name for k in sorted(keep_float) for name in members[k]]
+    # The ReLU/Clip that writes a float layer's input stays a float node too: quantize_static folds an
+    # activation into the Q/DQ range that follows it, which would leave the float layer reading the
+    # convolution's output before its activation.
+    producer = {out: node for node in model.graph.node for out in node.output}
+    activations = [producer[inputs[k]].name for k in keep_float
+                   if inputs[k] in producer and producer[inputs[k]].op_type in ("Relu", "Clip")]
+    return [name for k in sorted(keep_float) for name in members[k]] + activations
 
 
 def _float_inputs(model, float_nodes: set[str]) -> None:
