@@ -26,6 +26,7 @@ demo: install
 	$(BIN)/ulsam-deploy evaluate --model $(MODEL)
 	$(BIN)/ulsam-deploy export --model $(MODEL) --formats cpu
 	$(BIN)/ulsam-deploy check --model $(MODEL) --formats cpu --threads 2
+	$(BIN)/ulsam-deploy inspect --model $(MODEL) --formats onnx-int8,tflite-int8 --images 256 --plot runs/inspect.png
 	$(BIN)/ulsam-deploy bench --model $(MODEL) --vs $(VS) --backend all --runs 50
 
 # pytest exits 5 when it collects nothing; that is reported, not treated as a crash.

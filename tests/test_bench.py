@@ -107,3 +107,17 @@ def test_bench_reads_an_export_directory_and_writes_no_runs_folder(cli, tmp_path
     assert code == 0, err
     assert {r["artifact"] for r in json.loads(text)} == {"torch", "onnx"}
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_export_with_float_layers_is_named_so():
+    """Two exports of one model, one with --keep-float, are two subjects of `bench --export A --vs B`."""
+    from types import SimpleNamespace
+
+    from ulsam_deploy.suite import Subject
+
+    def subject(keep):
+        entry = {"onnx": {}, "onnx-int8": {"keep_float": keep}, "tflite-int8": {"keep_float": keep}}
+        return Subject(SimpleNamespace(data={"model": "m"}, artifacts=entry), 1, 1)
+
+    assert subject([]).name == "m"
+    assert subject([1, 2, 3, 4]).name == "m (float layers 1,2,3,4)"

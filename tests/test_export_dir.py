@@ -140,6 +140,7 @@ def test_read_only_or_full_filesystem_is_one_line(cli, tmp_path, kind):
     (lambda d: d["artifacts"].__setitem__("onnx", None), "artifacts.onnx"),
     (lambda d: d["artifacts"]["onnx"].__setitem__("file", "../other/model.onnx"), "inside the export directory"),
     (lambda d: d["artifacts"]["onnx"].__setitem__("file", "/etc/passwd"), "inside the export directory"),
+    (lambda d: d["artifacts"]["onnx-int8"].__setitem__("keep_float", [5, "x"]), "artifacts.onnx-int8.keep_float"),
 ])
 def test_a_manifest_that_does_not_fit_the_schema_is_refused_and_export_repairs_it(copy, cli, model, change, words):
     _edit(copy, change)

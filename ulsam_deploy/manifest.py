@@ -57,6 +57,14 @@ class ArtifactEntry(BaseModel):
     backend: Literal["onnxruntime", "litert", "tensorrt"]
     seconds: float = Field(ge=0, le=1e9, allow_inf_nan=False)
     recipe: Optional[str] = None
+    keep_float: list[int] = Field(default_factory=list, max_length=64)   # paper layers left in float
+
+    @field_validator("keep_float")
+    @classmethod
+    def _layers(cls, value: list[int]) -> list[int]:
+        if any(not 1 <= k <= 64 for k in value) or value != sorted(set(value)):
+            raise ValueError("must be increasing paper layer numbers")
+        return value
 
     @field_validator("file")
     @classmethod

@@ -77,7 +77,9 @@ class Subject:
 
     @property
     def name(self) -> str:
-        return self.manifest.data["model"]
+        """The model's name; INT8 artifacts with float layers say which (two exports of one model differ)."""
+        kept = sorted({k for e in self.manifest.artifacts.values() for k in e.get("keep_float", [])})
+        return self.manifest.data["model"] + (f" (float layers {','.join(map(str, kept))})" if kept else "")
 
 
 def cpu_name() -> str:
