@@ -203,8 +203,10 @@ def test_interrupt_is_one_line_and_cleans_up(tmp_path, model, sig):
     scratch.mkdir()
     out = tmp_path / "exp"
     env = os.environ | {"TMPDIR": str(scratch)}
+    # a shell starts background jobs with SIGINT ignored, and Python keeps it so: give the export the default
     proc = subprocess.Popen(_export_cmd(model, out, "onnx,tflite-fp32"), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and not list(scratch.glob("ulsam-onnx2tf-*")):   # the TFLite step has begun
         time.sleep(0.2)

@@ -58,6 +58,9 @@ def test_jump_is_the_first_large_drop():
     assert mark_jump(rows) == (5, "5")          # the ~10 dB every INT8 MV2 loses at layer 2 is not the jump
     assert rows[4].drop_db == pytest.approx(21)
     assert mark_jump([row("1", 130), row("2", 120)]) == (None, None)   # float-exact: no jump
+    # a 13 dB fall from 48 dB adds far less error than a 21 dB fall from 29 dB (a late planted outlier)
+    late = [row(str(k), db) for k, db in enumerate([48.0, 34.6, 31.7, 30.7, 30.4, 29.2, 29.0, 8.0], 1)]
+    assert mark_jump(late) == (8, "8")
 
 
 @pytest.fixture(scope="module")

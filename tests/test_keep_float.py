@@ -101,12 +101,13 @@ def test_tflite_keep_float_and_probe(trained, cli, tmp_path):
 
     ckpt = planted_file(trained(MV2), tmp_path, 4)
     out = tmp_path / "exp"
-    export(cli, ckpt, out, "onnx,tflite-int8")
+    export(cli, ckpt, out, "onnx,tflite-int8,tflite-int8-plain")
     code, before = _check(cli, out, "tflite-int8")
     assert code == 1
-    found = json.loads(cli("inspect", "--export", out, "--formats", "tflite-int8", "--images", "64", "--json")[1])
-    artifact = found["artifacts"][0]
-    assert artifact["logits_identical"] and artifact["first_jump_layer"] in (4, 5)
+    found = json.loads(cli("inspect", "--export", out, "--formats", "tflite-int8,tflite-int8-plain", "--images", "64",
+                           "--json")[1])
+    for artifact in found["artifacts"]:    # the probe is the artifact, in both TFLite INT8 recipes
+        assert artifact["logits_identical"] and artifact["first_jump_layer"] in (4, 5), artifact["artifact"]
     export(cli, ckpt, out, "onnx,tflite-int8", "--keep-float", "4,5")
     entry = Manifest.load(out).artifacts["tflite-int8"]
     assert entry["keep_float"] == [4, 5] and entry["io"]["outputs"][0]["dtype"] == "float32"   # logits float

@@ -78,7 +78,7 @@ def sensitivity(directory, artifact: str, data: str | None, threads: int, images
     return sorted(drops, key=lambda item: (item[0] != first, -item[1]))
 
 
-def search(export: Callable[[tuple[int, ...]], object], int8_formats: list[str], spec, data: str | None,
+def search(export: Callable[[tuple[int, ...]], object], int8_formats: list[str], data: str | None,
            threads: int, budget: float = DEFAULT_BUDGET,
            on_step: Callable[[FloatStep], None] | None = None) -> FloatSearch:
     """Run the search; ``export(keep_float)`` (re)exports and returns the directory's Manifest.
@@ -93,6 +93,7 @@ def search(export: Callable[[tuple[int, ...]], object], int8_formats: list[str],
         raise UlsamError(f"--float-budget {budget:g} must be a percentage in (0, 100]")
     chosen: list[int] = []
     manifest = export(())
+    spec = manifest.spec
     result = FloatSearch(str(manifest.directory), budget)
     step = _evaluate(manifest, None, (), int8_formats, data, threads, spec)
     while True:

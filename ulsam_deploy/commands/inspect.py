@@ -79,8 +79,7 @@ def keep_float_auto(model_path, options: o.ModelOptions, formats: tuple[str, ...
 
     # measured on the first of these (ONNX Runtime's when there): TensorRT engines are not probed
     int8 = [name for name in KEEP_FLOAT_FORMATS if name in formats and not name.startswith("trt-")]
-    manifest = export(())
-    result = search(export, int8, manifest.spec, None, 0, budget, on_step=show)
+    result = search(export, int8, None, 0, budget, on_step=show)
     if json_out:
         report.print_json(result)
     else:
