@@ -1,7 +1,7 @@
 """Parity: an artifact's Runner against the eager fp32 reference on the same preprocessed batches.
 
 Metrics accumulate online (:class:`ParityAccumulator`), batch by batch, so a data set of any size is
-compared in bounded memory; :func:`compare` is the same statistics on whole arrays. Thresholds live in
+compared in bounded memory; :func:`compare` is one batch of it, for whole arrays. Thresholds live in
 one table (:data:`THRESHOLDS`), by precision with backend-specific rows where a backend needs it;
 ``check`` applies them and fails naming each breached metric.
 """
@@ -71,24 +71,9 @@ class ParityResult:
 
 def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> dict:
     """Agreement and error statistics of ``logits`` against ``reference`` (both (N, classes))."""
-    logits, reference = logits.astype(np.float64), reference.astype(np.float64)
-    k = min(5, reference.shape[1])
-    top_ref = np.argsort(-reference, axis=1)[:, :k]
-    top_out = np.argsort(-logits, axis=1)[:, :k]
-    diff = np.abs(logits - reference)
-    norms = np.linalg.norm(logits, axis=1) * np.linalg.norm(reference, axis=1)
-    cosine = np.where(norms > 0, (logits * reference).sum(1) / np.maximum(norms, 1e-30), 1.0)
-    stats = {
-        "top1_agreement": float((top_ref[:, 0] == top_out[:, 0]).mean() * 100),
-        "top5_agreement": float((np.sort(top_ref, 1) == np.sort(top_out, 1)).all(1).mean() * 100),
-        "cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
-        "max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
-        "logit_range": float(reference.max() - reference.min()),
-    }
-    if labels is not None:
-        acc, ref_acc = float((top_out[:, 0] == labels).mean() * 100), float((top_ref[:, 0] == labels).mean() * 100)
-        stats |= {"accuracy": acc, "reference_accuracy": ref_acc, "accuracy_delta": acc - ref_acc}
-    return stats
+    accumulator = ParityAccumulator()
+    accumulator.update(logits, reference, labels)
+    return accumulator.result()
 
 
 def judge(result: ParityResult, limits: Thresholds) -> ParityResult:
@@ -110,7 +95,7 @@ def judge(result: ParityResult, limits: Thresholds) -> ParityResult:
 
 
 class ParityAccumulator:
-    """The statistics of :func:`compare`, accumulated batch by batch in float64 (memory O(classes))."""
+    """The parity statistics, accumulated batch by batch in float64 (memory O(classes))."""
 
     def __init__(self) -> None:
         self.n = self.top1 = self.top5 = self.correct = self.ref_correct = 0
@@ -142,7 +127,8 @@ class ParityAccumulator:
             self.ref_correct += int((top_ref[:, 0] == labels).sum())
 
     def result(self) -> dict:
-        """The same keys and values as :func:`compare` on the concatenated batches."""
+        """top-1/top-5 agreement %, cosine mean/min, max/mean abs, the reference's logit range, and
+        accuracy, reference accuracy and their delta (points) when every batch had labels."""
         if self.n == 0:
             raise ValueError("no samples were compared")
         stats = {"top1_agreement": self.top1 / self.n * 100, "top5_agreement": self.top5 / self.n * 100,
