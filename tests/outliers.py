@@ -83,7 +83,7 @@ EPOCHS = {"mv2": 3, "mv1": 6}   # digits at 64 px: 96-98 % top-1, INT8 top-1 agr
 def trained_file(spec, folder: str) -> Path:
     """A briefly trained model of ``spec`` on the digits train split (written once into ``folder``)."""
     from ulsam_deploy.data import DataSet, digits
-    from ulsam_deploy.train import TrainConfig, train
+    from ulsam_deploy.training.train import TrainConfig, train
 
     path = Path(folder) / f"{spec.name}-{EPOCHS[spec.arch]}ep-torch{torch.__version__}.safetensors"
     if not path.is_file():

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from ulsam_deploy.nets import build_model, save_checkpoint
-from ulsam_deploy.spec import ModelSpec
+from ulsam_deploy.model.spec import ModelSpec
 
 SPEC = ModelSpec.parse("mv2", "13,14,16,17", groups=4, width=0.5, num_classes=10, input_size=64)
 

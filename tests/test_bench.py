@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from ulsam_deploy.bench import LatencyStats, interleaved, measure
+from ulsam_deploy.bench.timing import LatencyStats, interleaved, measure
 
 
 class _Sleeper:
@@ -76,8 +76,8 @@ def test_bench_bad_options_one_line(cli, args, needle, tmp_path, monkeypatch):
 def test_int8_rows_are_measured_against_an_int8_peak():
     from types import SimpleNamespace
 
-    from ulsam_deploy.bench import LatencyStats
-    from ulsam_deploy.suite import BenchReport, _row
+    from ulsam_deploy.bench.timing import LatencyStats
+    from ulsam_deploy.bench.suite import BenchReport, _row
 
     report = BenchReport("cpu", 2, peak_gflops=100.0, models=["m"], peak_int8_gops=400.0)
     subject = SimpleNamespace(name="m", params=1, macs=50_000_000)
@@ -90,7 +90,7 @@ def test_int8_rows_are_measured_against_an_int8_peak():
 
 
 def test_gemm_peaks_are_measured_per_precision():
-    from ulsam_deploy.peak import gemm_peak
+    from ulsam_deploy.bench.peak import gemm_peak
 
     fp32, int8 = gemm_peak(1, repeats=2), gemm_peak(1, int8=True, repeats=2)
     assert fp32 > 0 and int8 > 0
@@ -113,7 +113,7 @@ def test_an_export_with_float_layers_is_named_so():
     """Two exports of one model, one with --keep-float, are two subjects of `bench --export A --vs B`."""
     from types import SimpleNamespace
 
-    from ulsam_deploy.suite import Subject
+    from ulsam_deploy.bench.suite import Subject
 
     def subject(keep):
         entry = {"onnx": {}, "onnx-int8": {"keep_float": keep}, "tflite-int8": {"keep_float": keep}}

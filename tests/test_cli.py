@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from tests.test_spec import MALFORMED
 from ulsam_deploy.nets import load_checkpoint, load_model
 from ulsam_deploy.nets.build import read_safetensors
-from ulsam_deploy.spec import ModelSpec
+from ulsam_deploy.model.spec import ModelSpec
 
 
 def test_profile_json_keys(cli):
@@ -198,7 +198,7 @@ def test_start_from_with_another_class_count_says_what_to_do(cli, tmp_path):
 
 
 def test_model_options_override_a_base_field_by_field():
-    from ulsam_deploy.options import ModelOptions
+    from ulsam_deploy.commands.options import ModelOptions
 
     base = {"arch": "mv1", "width": 0.5, "num_classes": 10, "positions": "", "activation": "relu6"}
     assert ModelOptions(positions="8:1").spec(base) == ModelSpec.parse("mv1", "8:1", width=0.5, num_classes=10,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ulsam_deploy.manifest import MANIFEST, REFERENCE, Manifest
+from ulsam_deploy.store.manifest import MANIFEST, REFERENCE, Manifest
 from ulsam_deploy.nets.build import sha256_file
 
 SMALL = ["--arch", "mv2", "--positions", "13,14", "--width", "0.5", "--num-classes", "10", "--input-size", "64"]

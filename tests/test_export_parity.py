@@ -8,10 +8,10 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from ulsam_deploy.manifest import Manifest
+from ulsam_deploy.store.manifest import Manifest
 from ulsam_deploy.nets import build_model, save_checkpoint
 from ulsam_deploy.nets.build import sha256_file
-from ulsam_deploy.spec import ModelSpec
+from ulsam_deploy.model.spec import ModelSpec
 
 from small_models import SPEC, model_file as _model_file  # noqa: E402
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from tests.outliers import planted_file, plant_outlier, trained  # noqa: F401  (trained is a fixture)
-from ulsam_deploy.inspect import TapStats, mark_jump
+from ulsam_deploy.verify.inspect import TapStats, mark_jump
 from ulsam_deploy.nets import load_model
-from ulsam_deploy.spec import ModelSpec
+from ulsam_deploy.model.spec import ModelSpec
 
 MV2 = ModelSpec.parse("mv2", "13,14,16,17", groups=4, width=0.5, num_classes=10, input_size=64)
 MV1 = ModelSpec.parse("mv1", "8:1,9:1,11", groups=4, width=0.5, num_classes=10, input_size=64)

@@ -9,8 +9,8 @@ import pytest
 
 from tests.outliers import planted_file, trained  # noqa: F401  (trained is a fixture)
 from tests.test_inspect import MV1, MV2, export
-from ulsam_deploy import layermap
-from ulsam_deploy.manifest import Manifest
+from ulsam_deploy.export import layermap
+from ulsam_deploy.store.manifest import Manifest
 from ulsam_deploy.nets import load_model
 
 

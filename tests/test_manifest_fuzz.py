@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from ulsam_deploy.manifest import MANIFEST
+from ulsam_deploy.store.manifest import MANIFEST
 
 SMALL = ["--arch", "mv2", "--positions", "13", "--width", "0.35", "--num-classes", "10", "--input-size", "32"]
 EXPORT = ["export", *SMALL, "--formats", "onnx,onnx-int8", "--calib", "digits", "--calib-samples", "16"]

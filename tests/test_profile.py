@@ -1,6 +1,6 @@
 
-from ulsam_deploy.profile import paper_comparison, profile
-from ulsam_deploy.spec import ModelSpec
+from ulsam_deploy.model.profile import paper_comparison, profile
+from ulsam_deploy.model.spec import ModelSpec
 
 
 def test_direct_count_of_vanilla_mv2():

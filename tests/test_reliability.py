@@ -97,7 +97,7 @@ def test_fuzzed_free_text_positions(cli, sandbox, monkeypatch, text):
 def test_sigkill_during_export_leaves_nothing_incomplete(tmp_path):
     import onnx
 
-    from ulsam_deploy.manifest import Manifest
+    from ulsam_deploy.store.manifest import Manifest
     from ulsam_deploy.nets.build import sha256_file
 
     out = tmp_path / "exp"

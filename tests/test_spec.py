@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ulsam_deploy.errors import SpecError
-from ulsam_deploy.spec import ModelSpec, Placement, parse_positions
+from ulsam_deploy.model.spec import ModelSpec, Placement, parse_positions
 
 
 def test_grammar_mixed_order_and_spaces():

@@ -16,8 +16,9 @@ from ulsam_deploy.errors import BackendUnavailable, StaleArtifactError, UlsamErr
 from ulsam_deploy.export import FORMATS
 from ulsam_deploy.export.fp16 import to_fp16_onnx
 from ulsam_deploy.export.quantize import attention_nodes
-from ulsam_deploy.export.tensorrt import MAX_BATCH, TIMING_CACHE, engine_mismatch, gpu_info
-from ulsam_deploy.manifest import Manifest
+from ulsam_deploy.export.tensorrt import MAX_BATCH, TIMING_CACHE
+from ulsam_deploy.runtime.engines import engine_mismatch, gpu_info
+from ulsam_deploy.store.manifest import Manifest
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "mv2-ulsam-13-14-16-17-g4-digits"
 CALIB = ("--calib", "digits", "--calib-samples", "32")
@@ -123,7 +124,7 @@ def test_fp16_onnx_has_float32_io_float16_weights_and_float32_attention(fp16):
 def test_fp16_onnx_matches_eager_model_on_onnxruntime_cpu(fp16):
     from ulsam_deploy.data import digits
     from ulsam_deploy.nets import load_model
-    from ulsam_deploy.parity import compare
+    from ulsam_deploy.verify.parity import compare
     from ulsam_deploy.runtime import run_batched, torch_runner
     from ulsam_deploy.runtime.onnxruntime import OnnxRuntimeRunner
 

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("onnx2tf", reason="TFLite extra not installed: pip install 'ulsam-deploy[tflite]'")
 
-from ulsam_deploy.manifest import Manifest  # noqa: E402
+from ulsam_deploy.store.manifest import Manifest  # noqa: E402
 from ulsam_deploy.runtime import open_artifact  # noqa: E402
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "mv2-ulsam-13-14-16-17-g4-digits"

@@ -7,8 +7,8 @@ import torch
 
 from ulsam_deploy.data import DataSet, digits
 from ulsam_deploy.nets import build_model
-from ulsam_deploy.spec import ModelSpec
-from ulsam_deploy.train import TrainConfig, accuracy, train
+from ulsam_deploy.model.spec import ModelSpec
+from ulsam_deploy.training.train import TrainConfig, accuracy, train
 
 MODELS = sorted(p for p in (Path(__file__).resolve().parents[1] / "models").iterdir() if (p / "model.safetensors").is_file())
 

@@ -9,13 +9,14 @@ import typer
 from typer.core import TyperGroup
 from typer.exceptions import Abort, TyperException
 
-from .errors import UlsamError
+from .errors import Interrupted, UlsamError, printable
 
 
 class OneLineErrors(TyperGroup):
     """Usage errors and UlsamErrors become one line on stderr and exit 2; no traceback."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        self.argv = [str(a) for a in (sys.argv[1:] if args is None else args)]   # what `train --nproc` relaunches
         _terminate_like_interrupt()
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
@@ -23,10 +24,20 @@ class OneLineErrors(TyperGroup):
             _fail(exc.one_line(), exc.exit_code)
         except TyperException as exc:  # usage errors: bad option values, unknown options
             _fail(exc.format_message(), exc.exit_code)
-        except (Abort, KeyboardInterrupt):   # Ctrl-C, or SIGTERM (see below), outside an export
-            _fail("interrupted; nothing is left half-written (finished artifacts are kept, re-run the command "
-                  "to resume)", 130)
+        except (Abort, KeyboardInterrupt):   # Ctrl-C, or SIGTERM (see below), while the options are parsed
+            _fail(INTERRUPTED, 130)
         sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx):
+        # Typer turns a KeyboardInterrupt escaping a command into a silent exit 130; name it first, so that
+        # check, evaluate, parity, inspect and bench say what happened as export does.
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted(INTERRUPTED) from None
+
+
+INTERRUPTED = "interrupted; nothing is left half-written (finished artifacts are kept, re-run the command to resume)"
 
 
 def _terminate_like_interrupt() -> None:
@@ -41,7 +52,7 @@ def _terminate_like_interrupt() -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    print(f"error: {' '.join(printable(str(message)).split())}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -49,9 +60,9 @@ app = typer.Typer(cls=OneLineErrors, add_completion=False, pretty_exceptions_ena
                   help="Build, profile, export, verify and benchmark MobileNet-V1/V2 with ULSAM.")
 
 
-from .commands import bench, deploy, inspect, model
+from .commands import bench, deploy, inspect, model, train
 
-for command in (model.profile, model.build, model.train, model.evaluate, deploy.export, deploy.parity, deploy.check,
+for command in (model.profile, model.build, train.train, model.evaluate, deploy.export, deploy.parity, deploy.check,
                 inspect.inspect, bench.bench):
     app.command()(command)
 

@@ -19,7 +19,7 @@ class UlsamError(Exception):
 
     def one_line(self) -> str:
         text = self.message if not self.hint else f"{self.message} ({self.hint})"
-        return " ".join(text.split())
+        return " ".join(printable(text).split())
 
 
 class SpecError(UlsamError):
@@ -36,3 +36,20 @@ class BackendUnavailable(UlsamError):
 
 class StaleArtifactError(UlsamError):
     """An artifact or manifest disagrees with what it claims to be built from."""
+
+
+class Interrupted(UlsamError):
+    """Ctrl-C or SIGTERM: one line and exit 130; what is finished stays, a rerun resumes."""
+
+    exit_code = 130
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print and to write as strict UTF-8 JSON.
+
+    A file name that is not UTF-8 (Latin-1 from an old archive) reaches Python with its odd bytes as lone
+    surrogates (``surrogateescape``); they are shown as ``\\xe9`` escapes instead of failing the output."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:   # a lone surrogate that is no escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")

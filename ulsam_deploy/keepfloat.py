@@ -49,7 +49,7 @@ class FloatSearch:
 @functools.lru_cache(maxsize=8)
 def layer_macs(spec) -> tuple[dict[int, int], int]:
     """(MACs per paper layer - an inserted ULSAM counted with the layer it follows -, model total)."""
-    from .profile import count_layers
+    from .model.profile import count_layers
 
     per_layer: dict[int, int] = {}
     total = 0
@@ -69,7 +69,7 @@ def mac_share(layers, spec) -> float:
 def sensitivity(directory, artifact: str, data: str | None, threads: int, images: int = 128) -> list[tuple[int, float]]:
     """(paper layer, SQNR lost at its output in dB) measured by ``inspect`` on ``artifact``, most
     sensitive first: the layer where the error first jumps, then the others by the dB they lose."""
-    from .inspect import inspect_export, mark_jump
+    from .verify.inspect import inspect_export, mark_jump
 
     inspection, _ = inspect_export(directory, [artifact], data, images, threads)
     rows = inspection.artifacts[0].rows
@@ -122,7 +122,7 @@ def search(export: Callable[[tuple[int, ...]], object], int8_formats: list[str],
 
 def _evaluate(manifest, layer, keep_float, int8_formats, data, threads, spec) -> FloatStep:
     """Parity (the check thresholds) and batch-1 latency of every INT8 artifact."""
-    from .bench import measure
+    from .bench.timing import measure
     from .runtime import open_artifact
     from .workflow import parity_for
 

@@ -2,37 +2,64 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from .data import DataSet, digits
-from .data.sets import REFERENCE_SETS, evaluation_set, labelled_folder
+from .data.sets import REFERENCE_SETS, reference_set
 from .data.preprocess import Preprocessing
-from .errors import InputFileError, SpecError
+from .errors import InputFileError, SpecError, printable
+from .export.options import ExportOptions
 from .nets import MobileNet, build_model, load_model
 from .nets.build import checkpoint_file
-from .options import ModelOptions, spec_for_model
-from .spec import ModelSpec
+from .model.options import ModelOptions
+from .model.spec import ModelSpec
 
 
-def checkpoint_metadata(path: Path) -> dict[str, str]:
-    """The safetensors metadata of a model folder or checkpoint ({} for .pth files)."""
-    from .nets.build import read_safetensors
+def checkpoint_metadata(path: Path) -> dict:
+    """The validated metadata of a model folder or checkpoint as a dict ({} for .pth files and other
+    libraries' safetensors); see :class:`~ulsam_deploy.nets.metadata.CheckpointMetadata`."""
+    from .nets.build import read_metadata
 
-    path = checkpoint_file(path)
-    return read_safetensors(path, tensors=False)[1] if path.suffix == ".safetensors" else {}
-
-
-def reference_model(path: Path, spec: ModelSpec | None = None) -> tuple[MobileNet, dict[str, str]]:
-    """The eager fp32 model of a checkpoint, with its metadata."""
-    return load_model(path, spec), checkpoint_metadata(path)
+    metadata = read_metadata(path)
+    return metadata.as_dict() if metadata else {}
 
 
-def training_data(data: str, start_from: Path | None, options: ModelOptions) -> tuple[MobileNet, DataSet, DataSet, str]:
-    """(model to train, train set, test set, data name) for ``ulsam-deploy train``, the data preprocessed
-    the model's way (``--preprocess``, else what the start checkpoint records)."""
+def spec_for_model(model: Path | None, options: ModelOptions) -> ModelSpec:
+    """The spec of ``--model`` if given (spec options must then agree with a stored spec), else the options.
+
+    A checkpoint without a stored spec (.pth, torchvision, timm) starts from what its tensors show.
+    """
+    if model is None:
+        return options.spec()
+    from .nets.build import read_checkpoint, stored_spec
+
+    stored = stored_spec(model)
+    if stored is None:
+        from .nets.surgery import source_fields
+
+        return options.spec(source_fields(read_checkpoint(model)))
+    requested = options.spec(stored)
+    if requested != stored:
+        raise SpecError(f"--model {model} is {stored.name}; the options ask for {requested.name}",
+                        "drop the spec options when passing --model")
+    return stored
+
+
+def reference_model(path: Path, spec: ModelSpec | None = None):
+    """(the eager fp32 model of a checkpoint, its validated metadata or None)."""
+    from .nets.build import model_from, read_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    return model_from(checkpoint, spec), checkpoint.metadata
+
+
+def training_setup(data: str, val: Path | None, start_from: Path | None, options: ModelOptions,
+                   shift: int | None, hflip: bool | None, seed: int):
+    """(model to train, TrainData) for ``ulsam-deploy train``: the data preprocessed the model's way
+    (``--preprocess``, else what the start checkpoint records), augmented as befits its kind."""
+    from .training.data import folder_data, reference_data
+
     reference = REFERENCE_SETS.get(data)
     if start_from is not None:
         model, prep = _start_model(start_from, options)
@@ -43,21 +70,35 @@ def training_data(data: str, start_from: Path | None, options: ModelOptions) -> 
         prep = options.preprocessing(model.spec)
     spec = model.spec
     if reference is not None:
+        if val is not None:
+            raise SpecError(f"--val is for image folders; {data} has its own test split", "drop --val")
         if spec.num_classes != reference.NUM_CLASSES:
             raise SpecError(f"{data} has {reference.NUM_CLASSES} classes, the model {spec.num_classes}",
                             f"`build --from` the checkpoint with --num-classes {reference.NUM_CLASSES} first"
                             if start_from else None)
-        own = reference.preprocessing(spec.input_size)   # the set's rendering, the model's mean and std
-        train_x, train_y = reference.load("train", spec.input_size)
-        data_prep = own.with_normalisation_of(prep)
-        train_set = DataSet(f"{data}:train", data_prep.renormalise(train_x, own), train_y, data_prep)
-        return model, train_set, evaluation_set(data, spec.input_size, prep), data
+        shift = round(spec.input_size / 14) if shift is None else shift
+        hflip = reference.HFLIP if hflip is None else hflip
+        return model, reference_data(reference, data, spec.input_size, prep, shift, hflip, seed)
     folder = Path(data)
-    labelled = labelled_folder(folder, prep)
-    classes = int(labelled.labels.max()) + 1
-    if classes != spec.num_classes:
-        raise SpecError(f"{folder} has {classes} classes, the model has {spec.num_classes}", f"pass --num-classes {classes}")
-    return model, labelled, labelled, str(folder)
+    if not folder.is_dir():
+        raise InputFileError(f"--data {data} is neither a reference set ({', '.join(REFERENCE_SETS)}) nor a folder")
+    if shift:
+        raise SpecError("--shift is the reference sets' augmentation; image folders get random resized crops",
+                        "drop --shift")
+    train_data = folder_data(folder, val, prep, True if hflip is None else hflip, seed)
+    if train_data.num_classes != spec.num_classes:
+        raise SpecError(f"{folder} has {train_data.num_classes} classes, the model has {spec.num_classes}",
+                        f"pass --num-classes {train_data.num_classes}")
+    return model, train_data
+
+
+def teacher_model(path: Path, student: ModelSpec) -> MobileNet:
+    """The distillation teacher: any checkpoint `build --from` reads, run at the student's input size."""
+    teacher, _ = _start_model(path, ModelOptions(input_size=student.input_size))
+    if teacher.spec.num_classes != student.num_classes:
+        raise SpecError(f"--teacher {path} has {teacher.spec.num_classes} classes, the student {student.num_classes}",
+                        "distil from a teacher of the same classes")
+    return teacher
 
 
 def _start_model(path: Path, options: ModelOptions):
@@ -79,21 +120,26 @@ def _start_model(path: Path, options: ModelOptions):
 RUNS = Path("runs")
 
 
-def resolve_reference(model_path: Path | None, options: ModelOptions):
+def resolve_reference(model_path: Path | None, options: ModelOptions, allow_large: bool = False):
     """(eager model, name, checkpoint record, dataset, preprocessing dict) for --model or the model options.
 
     A checkpoint's recorded preprocessing is the one used; ``--preprocess`` serves files that record none.
+    The dataset is a reference set's name or None: what else a checkpoint records is never read as a path.
+    A network over the size limit is refused before it is built (``allow_large`` lifts the limit).
     """
-    from .nets.build import model_from, read_checkpoint, sha256_file
+    from .nets.build import check_model_size, model_from, read_checkpoint, sha256_file
 
     if model_path is None:
         spec = options.spec()
+        check_model_size(spec, allow_large=allow_large)
         return (build_model(spec, seed=0), spec.name, {"random_init_seed": 0}, None,
                 options.preprocessing(spec).to_dict())
     spec = spec_for_model(model_path, options)
+    check_model_size(spec, allow_large=allow_large)
     checkpoint = read_checkpoint(model_path)
     net, meta = model_from(checkpoint, spec), checkpoint.metadata
-    if "preprocessing" in meta or meta.get("dataset") in REFERENCE_SETS:
+    dataset = reference_set(meta.dataset) if meta else None
+    if (meta and meta.preprocessing) or dataset:
         prep = model_preprocessing(meta, spec)
         if options.preprocess is not None and options.preprocessing(spec) != Preprocessing.from_dict(prep):
             raise SpecError(f"--model {model_path} records its preprocessing; --preprocess {options.preprocess} "
@@ -101,31 +147,31 @@ def resolve_reference(model_path: Path | None, options: ModelOptions):
     else:
         prep = options.preprocessing(spec, None, checkpoint.layout.preprocess).to_dict()
     name = Path(model_path).name if Path(model_path).is_dir() else checkpoint.path.stem
-    return (net, name, {"path": str(model_path), "sha256": sha256_file(checkpoint.path)}, meta.get("dataset"), prep)
+    record = {"path": printable(str(model_path)), "sha256": sha256_file(checkpoint.path)}
+    return net, name, record, dataset, prep
 
 
-def model_preprocessing(meta: dict[str, str], spec: ModelSpec) -> dict:
-    """The preprocessing a checkpoint records (else its reference set's, else the default at its input size)."""
-    if "preprocessing" in meta:
-        return json.loads(meta["preprocessing"])
-    dataset = meta.get("dataset")
-    if dataset in REFERENCE_SETS:
+def model_preprocessing(meta, spec: ModelSpec) -> dict:
+    """The preprocessing a checkpoint's validated metadata (or None) records, else its reference set's,
+    else the default at its input size."""
+    if meta is not None and meta.preprocessing is not None:
+        return meta.preprocessing_dict()
+    dataset = reference_set(meta.dataset) if meta is not None else None
+    if dataset:
         return REFERENCE_SETS[dataset].preprocessing(spec.input_size).to_dict()
     return Preprocessing(size=spec.input_size).to_dict()
 
 
-def export_for(model_path, options: ModelOptions, formats: tuple[str, ...], out: Path | None, calib: str | None,
-               calib_samples: int, calib_method: str, on_step=None, keep_float: tuple[int, ...] = ()):
-    """Export (what is missing of) ``formats`` for a model; returns (ExportResult, Manifest).
-    ``keep_float``: paper layers the INT8 formats keep in float."""
+def export_for(model_path, options: ModelOptions, export: ExportOptions, on_step=None):
+    """Export (what is missing of) ``export.formats`` for a model; returns (ExportResult, Manifest)."""
     from .export.pipeline import ExportRequest, run_export
-    from .manifest import Manifest
+    from .store.manifest import Manifest
 
-    net, name, checkpoint, dataset, prep = resolve_reference(model_path, options)
-    request = ExportRequest(net, name, checkpoint, dataset, prep, formats,
-                            calib_source=calib or dataset or "photos", calib_samples=calib_samples,
-                            calib_method=calib_method, keep_float=tuple(keep_float))
-    out = out or RUNS / name
+    net, name, checkpoint, dataset, prep = resolve_reference(model_path, options, export.allow_large)
+    request = ExportRequest(net, name, checkpoint, dataset, prep, export.formats,
+                            calib_source=export.calib or dataset or "photos", calib_samples=export.calib_samples,
+                            calib_method=export.calib_method, keep_float=export.keep_float)
+    out = export.out or RUNS / name
     result = run_export(request, out, on_step=on_step)
     return result, Manifest.load(out)
 
@@ -133,7 +179,7 @@ def export_for(model_path, options: ModelOptions, formats: tuple[str, ...], out:
 def parity_for(manifest, artifacts: list[str] | None, data: str | None, threads: int, overrides: dict,
                batch: int = 32, given_model: Path | None = None):
     """ParityResult for each artifact of ``manifest`` (all listed or promised by default)."""
-    from .verify import run_parity
+    from .verify.run import run_parity
 
     return run_parity(manifest.directory, artifacts, data, threads, overrides, batch, given_model).results
 

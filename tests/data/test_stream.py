@@ -12,7 +12,7 @@ from ulsam_deploy.data import fashion
 from ulsam_deploy.data.preprocess import Preprocessing
 from ulsam_deploy.data.sets import calibration_set, evaluation_source
 from ulsam_deploy.data.stream import Source, StreamStats, batches, collect
-from ulsam_deploy.parity import ParityAccumulator, compare
+from ulsam_deploy.verify.parity import ParityAccumulator, compare
 
 
 @pytest.mark.parametrize("labelled", [True, False])
@@ -87,7 +87,7 @@ def test_skipped_files_are_counted_with_reasons(odd_labelled):
 
 def test_parity_and_evaluate_report_skipped_files(odd_labelled, tmp_path, cli):
     from ulsam_deploy.nets import build_model, save_checkpoint
-    from ulsam_deploy.spec import ModelSpec
+    from ulsam_deploy.model.spec import ModelSpec
 
     model = save_checkpoint(build_model(ModelSpec.parse("mv2", "", 4, 0.35, 2, 32)), tmp_path / "m.safetensors")
     out = tmp_path / "exp"

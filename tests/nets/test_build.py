@@ -5,7 +5,7 @@ from ulsam_deploy.errors import InputFileError, SpecError
 from ulsam_deploy.nets import build_model, load_model, save_checkpoint
 from ulsam_deploy.nets.build import load_checkpoint
 from ulsam_deploy.nets.ulsam import to_official
-from ulsam_deploy.spec import ModelSpec
+from ulsam_deploy.model.spec import ModelSpec
 
 SPEC = ModelSpec.parse("mv2", "13,16:1", groups=4, num_classes=10, input_size=64)
 

@@ -10,7 +10,7 @@ from ulsam_deploy.errors import InputFileError, SpecError
 from ulsam_deploy.nets import build_model, load_model
 from ulsam_deploy.nets.build import read_checkpoint
 from ulsam_deploy.nets.layouts import BY_NAME, LAYOUTS, detect, to_ours, unwrap
-from ulsam_deploy.spec import ModelSpec
+from ulsam_deploy.model.spec import ModelSpec
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 # fixture file -> (the spec it is, the layout it is in)

@@ -9,7 +9,7 @@ from ulsam_deploy.errors import InputFileError, SpecError
 from ulsam_deploy.nets import build_model, save_checkpoint
 from ulsam_deploy.nets.build import read_checkpoint
 from ulsam_deploy.nets.surgery import infer_width, layer_channels, source_fields, transplant
-from ulsam_deploy.spec import ModelSpec
+from ulsam_deploy.model.spec import ModelSpec
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 TV = FIXTURES / "torchvision_mv2_050_c10.pth"

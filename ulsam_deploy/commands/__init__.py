@@ -1,1 +1,1 @@
-"""CLI command functions; cli.py registers them on the Typer app."""
+"""CLI command functions and their shared option types; cli.py registers them on the Typer app."""

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import options as o
+from . import options as o
 from ..errors import UlsamError
 
 Vs = Annotated[Optional[str], typer.Option(
@@ -46,14 +46,16 @@ def _vs_reference(vs: str, primary_spec) -> tuple[Path | None, o.ModelOptions]:
 
 def _subject_manifest(model, options, formats, export_dir):
     """An export directory passed as such is read as it is; a model is exported (into ``export_dir`` if given)."""
-    from ..manifest import MANIFEST, Manifest
+    from ..store.manifest import MANIFEST, Manifest
     from ..workflow import export_for
 
     if model is not None and (Path(model) / MANIFEST).is_file():
         export_dir, model = Path(model), None
     if export_dir is not None and model is None and options == o.ModelOptions():
         return Manifest.load(export_dir)
-    return export_for(model, options, tuple(formats) or ("onnx",), export_dir, None, 128, "minmax")[1]
+    from ..export.options import ExportOptions
+
+    return export_for(model, options, ExportOptions(tuple(formats) or ("onnx",), export_dir))[1]
 
 
 @o.model_options
@@ -72,12 +74,12 @@ def bench(options: o.ModelOptions, model: o.ModelPath = None,
           plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of p50 latency (p90 whiskers).")] = None,
           json_out: o.Json = False) -> None:
     """Time every artifact (exported if missing) and print one table; with --vs, per-backend ratios."""
-    from .. import report
+    from ..render import report
     import contextlib
 
-    from ..manifest import locked
-    from ..profile import count_layers
-    from ..suite import BACKENDS, Subject, formats_for, new_report, run_suite
+    from ..store.manifest import locked
+    from ..model.profile import count_layers
+    from ..bench.suite import BACKENDS, Subject, formats_for, new_report, run_suite
     from ..workflow import export_for, parity_for
 
     backends = _choices(backend, "--backend", BACKENDS)

@@ -2,81 +2,77 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from .. import options as o
-from ..export import DEFAULT_FORMATS, parse_formats
+from ..export import parse_formats
+from ..export.options import ExportOptions
+from . import options as o
+from .options import Calib, CalibMethod, CalibSamples, Data, ExportDir, Formats, Out, Threads
 
-Formats = Annotated[Optional[str], typer.Option(
-    "--formats", "-f", help="Comma list: onnx, onnx-int8, tflite-fp32, tflite-fp16, tflite-int8, trt-fp16, trt-int8; "
-                            "'cpu' or 'all'. Default: onnx,onnx-int8.")]
-Calib = Annotated[Optional[str], typer.Option(
-    "--calib", help="Calibration images: 'photos' (shipped), 'digits', or a folder. Default: the model's own "
-                    "training set if it has one, else photos.")]
-CalibSamples = Annotated[int, typer.Option("--calib-samples", help="Number of calibration samples.")]
-CalibMethod = Annotated[str, typer.Option("--calib-method", help="minmax, entropy or percentile.")]
-Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Export directory (default runs/<model name>).")]
-ExportDir = Annotated[Optional[Path], typer.Option(
-    "--export", "-e", help="An existing export directory; its manifest says what to run.")]
-Data = Annotated[Optional[str], typer.Option(
-    "--data", help="'digits', 'photos' or a folder (ImageFolder for labels). Default: the model's own test set.")]
-Threads = Annotated[int, typer.Option("--threads", min=0, max=256, help="Runtime threads (0 = backend default).")]
+FLOAT_BUDGET = 25.0   # percent of the model's MACs that --keep-float auto may keep in float
 
 
 def _manifest(export_dir, model, options: o.ModelOptions, formats, calib, calib_samples, calib_method):
-    from ..manifest import Manifest
-    from ..workflow import export_for
+    """The manifest of ``--export DIR`` as it is (model and calibration options would then be ignored, so
+    they are refused), else of the model exported with these formats and calibration."""
+    from ..store.manifest import Manifest
 
+    o.refuse_with_export(export_dir, options, **{"--calib": calib, "--calib-samples": calib_samples,
+                                                 "--calib-method": calib_method})
     if export_dir is not None:
         return Manifest.load(export_dir)
-    return _export(model, options, formats, None, calib, calib_samples, calib_method)[1]
+    return _export(model, options, o.export_options(formats, calib, calib_samples, calib_method))[1]
 
 
-def _export(*args, **kwargs):
+def _export(model, options: o.ModelOptions, export: ExportOptions):
     """export_for with a progress line naming each step (hidden off a terminal)."""
-    from .. import report
+    from ..render import report
     from ..workflow import export_for
 
     with report.progress() as bar:
         task = bar.add_task("export", total=None)
-        return export_for(*args, **kwargs, on_step=lambda what: bar.update(task, description=f"export: {what}"))
+        return export_for(model, options, export, on_step=lambda what: bar.update(task, description=f"export: {what}"))
 
 
 @o.model_options
 def export(options: o.ModelOptions, model: o.ModelPath = None,
            checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Same as --model.")] = None,
-           formats: Formats = None, calib: Calib = None, calib_samples: CalibSamples = 128,
-           calib_method: CalibMethod = "minmax", out: Out = None,
+           formats: Formats = None, calib: Calib = None, calib_samples: CalibSamples = None,
+           calib_method: CalibMethod = None, out: Out = None,
            keep_float: Annotated[Optional[str], typer.Option(
                "--keep-float", help="Paper layers the INT8 formats keep in float, e.g. 1,2,13; 'auto' adds the most "
                                     "sensitive ones until check passes.")] = None,
-           float_budget: Annotated[float, typer.Option(
+           float_budget: Annotated[Optional[float], typer.Option(
                "--float-budget", min=0.0, max=100.0, help="With --keep-float auto: the most the float layers may "
-                                                          "cost, percent of the model's MACs.")] = 25.0,
+                                                          f"cost, percent of the model's MACs (default {FLOAT_BUDGET:g}).")] = None,
+           allow_large: o.AllowLarge = False,
            json_out: o.Json = False) -> None:
     """Export a model to ONNX (simplified), INT8 Q/DQ ONNX, TFLite and TensorRT, with a manifest."""
-    from .. import report
+    from ..render import report
     from ..export import parse_keep_float
 
-    chosen = parse_formats(formats) if formats else DEFAULT_FORMATS
-    if keep_float is not None and keep_float.strip().lower() == "auto":
-        from .inspect import keep_float_auto
-
-        return keep_float_auto(model or checkpoint, options, chosen, out, calib, calib_samples, calib_method,
-                               float_budget, json_out)
-    layers = parse_keep_float(keep_float) if keep_float else ()
-    result, _ = _export(model or checkpoint, options, chosen, out, calib, calib_samples, calib_method,
-                        keep_float=layers)
+    auto = keep_float is not None and keep_float.strip().lower() == "auto"
+    if not auto:
+        o.refuse_unused("it applies to --keep-float auto", "drop it, or pass --keep-float auto",
+                        **{"--float-budget": float_budget})
+    layers = parse_keep_float(keep_float) if keep_float and not auto else ()
+    request = o.export_options(formats, calib, calib_samples, calib_method, out, layers,
+                               keep_float_asked=keep_float is not None, allow_large=allow_large)
+    if auto:
+        budget = FLOAT_BUDGET if float_budget is None else float_budget
+        return keep_float_auto(model or checkpoint, options, request, budget, json_out)
+    result, _ = _export(model or checkpoint, options, request)
     report.print_json(result) if json_out else report.console.print(report.export_table(result))
 
 
 @o.model_options
 def parity(export_dir: ExportDir = None, options: o.ModelOptions = None,
            model: o.ModelPath = None, formats: Formats = None, data: Data = None, threads: Threads = 0,
-           calib: Calib = None, calib_samples: CalibSamples = 128, calib_method: CalibMethod = "minmax",
+           calib: Calib = None, calib_samples: CalibSamples = None, calib_method: CalibMethod = None,
            json_out: o.Json = False) -> None:
     """Run every artifact against the eager fp32 reference on the same batches."""
     _parity_command(export_dir, options, model, formats, data, threads, calib, calib_samples, calib_method,
@@ -86,7 +82,7 @@ def parity(export_dir: ExportDir = None, options: o.ModelOptions = None,
 @o.model_options
 def check(export_dir: ExportDir = None, options: o.ModelOptions = None,
           model: o.ModelPath = None, formats: Formats = None, data: Data = None, threads: Threads = 0,
-          calib: Calib = None, calib_samples: CalibSamples = 128, calib_method: CalibMethod = "minmax",
+          calib: Calib = None, calib_samples: CalibSamples = None, calib_method: CalibMethod = None,
           max_abs: Annotated[Optional[float], typer.Option("--max-abs", help="Override: max |logit diff|.")] = None,
           min_top1: Annotated[Optional[float], typer.Option("--min-top1", help="Override: min top-1 agreement %.")] = None,
           min_cosine: Annotated[Optional[float], typer.Option("--min-cosine", help="Override: min logit cosine.")] = None,
@@ -101,12 +97,11 @@ def check(export_dir: ExportDir = None, options: o.ModelOptions = None,
 
 def _parity_command(export_dir, options: o.ModelOptions, model, formats, data, threads, calib, calib_samples, calib_method,
                     json_out, overrides, gate: bool) -> None:
-    from .. import report
-    from ..verify import run_parity
+    from ..render import report
+    from ..verify.run import run_parity
 
     chosen = parse_formats(formats) if formats else None
-    manifest = _manifest(export_dir, model, options, chosen or DEFAULT_FORMATS, calib, calib_samples,
-                         calib_method)
+    manifest = _manifest(export_dir, model, options, formats, calib, calib_samples, calib_method)
     given = model if export_dir is not None else None
     with report.progress() as bar:
         task = bar.add_task("parity", total=None)
@@ -133,3 +128,32 @@ def _parity_command(export_dir, options: o.ModelOptions, model, formats, data, t
 
 def _missing(name: str) -> dict:
     return {"artifact": name, "missing": True, "passed": False, "breaches": ["missing: not built"]}
+
+
+def keep_float_auto(model_path, options: o.ModelOptions, request: ExportOptions, budget: float, json_out: bool) -> None:
+    """``export --keep-float auto``: print each step as it finishes, then the choice."""
+    from ..render import report
+    from ..render import inspect as report_inspect
+    from ..export import KEEP_FLOAT_FORMATS
+    from ..keepfloat import search
+    from ..workflow import export_for
+
+    def export(layers: tuple[int, ...]):
+        return export_for(model_path, options, replace(request, keep_float=layers))[1]
+
+    def show(step) -> None:
+        added = "start (no float layers)" if step.layer is None else f"+ layer {step.layer}"
+        worst = ", ".join(f"{layer} ({drop:+.1f} dB)" for layer, drop in step.sensitivity)
+        lines = "; ".join(f"{r.artifact}: top-1 agr {r.top1_agreement:.2f} %, max abs {r.max_abs:.3g}, "
+                          f"p50 {step.latency_ms.get(r.artifact, float('nan')):.2f} ms, "
+                          f"{'pass' if r.passed else 'FAIL ' + ', '.join(r.breaches)}" for r in step.results)
+        report.log(f"keep-float {added} -> [{','.join(map(str, step.keep_float))}] "
+                   f"({step.mac_share:.1f} % of MACs): {lines}" + (f"; most sensitive now: {worst}" if worst else ""))
+
+    # measured on the first of these (ONNX Runtime's when there): TensorRT engines are not probed
+    int8 = [name for name in KEEP_FLOAT_FORMATS if name in request.formats and not name.startswith("trt-")]
+    result = search(export, int8, None, 0, budget, on_step=show)
+    if json_out:
+        report.print_json(result)
+    else:
+        report.console.print(report_inspect.float_step_table(result))

@@ -1,4 +1,4 @@
-"""``ulsam-deploy inspect`` (where in the network INT8 goes wrong) and ``export --keep-float auto``."""
+"""``ulsam-deploy inspect``: where in the network INT8 goes wrong."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import options as o
 from ..errors import UlsamError
-from .deploy import Calib, CalibMethod, CalibSamples, Data, ExportDir, Formats, Threads, _manifest
+from . import options as o
+from .deploy import _manifest
+from .options import Calib, CalibMethod, CalibSamples, Data, ExportDir, Formats, Threads
 
 Images = Annotated[int, typer.Option("--images", min=1, max=1_000_000,
                                      help="Compare on the first N images of the data.")]
@@ -20,17 +21,18 @@ Plot = Annotated[Optional[Path], typer.Option(
 @o.model_options
 def inspect(export_dir: ExportDir = None, options: o.ModelOptions = None, model: o.ModelPath = None,
             formats: Formats = None, data: Data = None, images: Images = 256, threads: Threads = 0,
-            calib: Calib = None, calib_samples: CalibSamples = 128, calib_method: CalibMethod = "minmax",
+            calib: Calib = None, calib_samples: CalibSamples = None, calib_method: CalibMethod = None,
             plot: Plot = None, json_out: o.Json = False) -> None:
     """Compare each artifact with the eager model at every paper layer and ULSAM attention map."""
-    from .. import report, report_inspect
-    from ..export import DEFAULT_FORMATS, parse_formats
-    from ..inspect import inspect_export
+    from ..render import report
+    from ..render import inspect as report_inspect
+    from ..export import parse_formats
+    from ..verify.inspect import inspect_export
 
     if plot is not None and (plot.suffix.lower() != ".png" or plot.is_dir()):
         raise UlsamError(f"--plot {plot} must be a .png file path")
     chosen = parse_formats(formats) if formats else None
-    manifest = _manifest(export_dir, model, options, chosen or DEFAULT_FORMATS, calib, calib_samples, calib_method)
+    manifest = _manifest(export_dir, model, options, formats, calib, calib_samples, calib_method)
     # the formats named, not the ONNX they are built from (parse_formats adds it for export)
     named = _named(formats, chosen) if chosen else None
     with report.progress() as bar:
@@ -55,32 +57,3 @@ def _named(text: str, chosen: tuple[str, ...]) -> list[str]:
     if tokens - set(FORMATS):
         return list(chosen)
     return [name for name in chosen if name in tokens]
-
-
-def keep_float_auto(model_path, options: o.ModelOptions, formats: tuple[str, ...], out, calib, calib_samples: int,
-                    calib_method: str, budget: float, json_out: bool) -> None:
-    """``export --keep-float auto``: print each step as it finishes, then the choice."""
-    from .. import report, report_inspect
-    from ..export import KEEP_FLOAT_FORMATS
-    from ..keepfloat import search
-    from ..workflow import export_for
-
-    def export(layers: tuple[int, ...]):
-        return export_for(model_path, options, formats, out, calib, calib_samples, calib_method, keep_float=layers)[1]
-
-    def show(step) -> None:
-        added = "start (no float layers)" if step.layer is None else f"+ layer {step.layer}"
-        worst = ", ".join(f"{layer} ({drop:+.1f} dB)" for layer, drop in step.sensitivity)
-        lines = "; ".join(f"{r.artifact}: top-1 agr {r.top1_agreement:.2f} %, max abs {r.max_abs:.3g}, "
-                          f"p50 {step.latency_ms.get(r.artifact, float('nan')):.2f} ms, "
-                          f"{'pass' if r.passed else 'FAIL ' + ', '.join(r.breaches)}" for r in step.results)
-        report.log(f"keep-float {added} -> [{','.join(map(str, step.keep_float))}] "
-                   f"({step.mac_share:.1f} % of MACs): {lines}" + (f"; most sensitive now: {worst}" if worst else ""))
-
-    # measured on the first of these (ONNX Runtime's when there): TensorRT engines are not probed
-    int8 = [name for name in KEEP_FLOAT_FORMATS if name in formats and not name.startswith("trt-")]
-    result = search(export, int8, None, 0, budget, on_step=show)
-    if json_out:
-        report.print_json(result)
-    else:
-        report.console.print(report_inspect.float_step_table(result))

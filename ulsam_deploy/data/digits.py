@@ -34,6 +34,12 @@ def _split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {"train": (x_train, y_train), "test": (x_test, y_test)}
 
 
+def raw(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(8x8 scans 0..16, int64 labels) of ``split`` ('train' or 'test'), in a fixed order."""
+    scans, labels = _split()[split]
+    return scans, labels.astype(np.int64)
+
+
 def render(scan: np.ndarray, size: int) -> Image.Image:
     """One 8x8 scan (0..16) as a size x size RGB image."""
     grey = Image.fromarray(np.clip(scan * (255.0 / 16.0), 0, 255).round().astype(np.uint8), "L")

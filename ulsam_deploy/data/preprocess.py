@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import Literal
 
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import SpecError
 
@@ -91,6 +93,34 @@ class Preprocessing:
         out = np.ascontiguousarray(out, dtype=np.float32)
         out.setflags(write=False)
         return out
+
+
+class PreprocessingModel(BaseModel):
+    """The schema of a recorded :class:`Preprocessing` (``to_dict``), wherever it is read back: a checkpoint's
+    metadata or an export manifest. Complete, finite, and nothing else."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    size: int = Field(ge=1, le=4096)
+    crop_fraction: float = Field(gt=0, le=1, allow_inf_nan=False)
+    mean: list[float] = Field(min_length=3, max_length=3)
+    std: list[float] = Field(min_length=3, max_length=3)
+    channel_order: Literal["RGB"]
+    layout: Literal["NCHW"]
+    interpolation: Literal["bilinear", "bicubic"]
+
+    @field_validator("mean")
+    @classmethod
+    def _finite(cls, value: list[float]) -> list[float]:
+        if not all(math.isfinite(v) for v in value):
+            raise ValueError("mean must be finite")
+        return value
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if not all(math.isfinite(v) and v > 0 for v in value):
+            raise ValueError("std must be finite and positive")
+        return value
 
 
 # The libraries' own eval transforms at 224 px: torchvision's MobileNet_V2_Weights.IMAGENET1K_V1 resizes to 256

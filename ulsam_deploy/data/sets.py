@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import InputFileError
+from ..errors import InputFileError, printable
 from . import digits, fashion
-from .images import class_folders, open_rgb, scan_images
+from .images import class_folders, open_rgb, scan_images, sub_folders
 from .preprocess import Preprocessing
 from .stream import Source, array_source, collect, files_fingerprint
 
@@ -37,6 +37,14 @@ SCHEDULE: tuple[tuple[float, str, bool], ...] = (
 DEFAULT_CALIB_SAMPLES = 128
 # The labelled reference sets by name; each module has load(split, size), preprocessing(size), NUM_CLASSES.
 REFERENCE_SETS = {"digits": digits, "fashion": fashion}
+
+
+def reference_set(name: str | None) -> str | None:
+    """``name`` if it names one of our reference sets, else None.
+
+    What a checkpoint or manifest says it was trained on is a label, never a path: a file must not choose
+    which folder the tool reads. Folders come from the command line (``--data``, ``--calib``) only."""
+    return name if isinstance(name, str) and name in REFERENCE_SETS else None
 
 
 @dataclass(frozen=True)
@@ -84,12 +92,14 @@ def _flat_source(folder: Path, prep: Preprocessing, count: int | None, name: str
     otherwise only headers are read here and undecodable files are skipped by the stream."""
     scan = scan_images(folder, decode=count is not None)
     if not scan.paths:
-        reason = f" ({len(scan.skipped)} skipped, e.g. {scan.skipped[0][0].name}: {scan.skipped[0][1]})" if scan.skipped else ""
-        raise InputFileError(f"no usable images in {folder}{reason}", "pass a folder of RGB/greyscale JPEG or PNG photos")
+        reason = (f" ({len(scan.skipped)} skipped, e.g. {printable(scan.skipped[0][0].name)}: {scan.skipped[0][1]})"
+                  if scan.skipped else "")
+        raise InputFileError(f"no usable images in {printable(str(folder))}{reason}",
+                             "pass a folder of RGB/greyscale JPEG or PNG photos")
     available = len(scan.paths) * len(SCHEDULE)
     count = available if count is None else count
     if count < 1 or count > available:
-        raise InputFileError(f"--calib-samples {count} is outside 1..{available} for {folder} "
+        raise InputFileError(f"--calib-samples {count} is outside 1..{available} for {printable(str(folder))} "
                              f"({len(scan.paths)} images x {len(SCHEDULE)} crops)", "lower it or add images")
     paths = scan.paths
 
@@ -99,8 +109,8 @@ def _flat_source(folder: Path, prep: Preprocessing, count: int | None, name: str
             return prep(_schedule_crop(image, scale, anchor, flip)), None
 
     source = Source(name, count, load, prep, False, files_fingerprint(paths, f"flat:{count}:{prep.to_dict()}"))
-    source.skipped = [(p.name, why) for p, why in scan.skipped]
-    source.describe_sample = lambda i: paths[i % len(paths)].name
+    source.skipped = [(printable(p.name), why) for p, why in scan.skipped]
+    source.describe_sample = lambda i: printable(paths[i % len(paths)].name)
     return source
 
 
@@ -112,20 +122,20 @@ def _labelled_source(root: Path, prep: Preprocessing) -> Source:
     skipped: list[tuple[str, str]] = []
     for index, name in enumerate(classes):
         scan = scan_images(Path(root) / name, decode=False)
-        skipped += [(f"{name}/{p.name}", why) for p, why in scan.skipped]
+        skipped += [(printable(f"{name}/{p.name}"), why) for p, why in scan.skipped]
         paths += scan.paths
         labels += [index] * len(scan.paths)
     if not paths:
-        raise InputFileError(f"no usable images under {root} ({len(skipped)} skipped)")
+        raise InputFileError(f"no usable images under {printable(str(root))} ({len(skipped)} skipped)")
 
     def load(i: int):
         with open_rgb(paths[i]) as image:
             return prep(image), labels[i]
 
-    source = Source(str(root), len(paths), load, prep, True,
+    source = Source(printable(str(root)), len(paths), load, prep, True,
                     files_fingerprint(paths, f"labelled:{classes}:{prep.to_dict()}"), num_classes=len(classes))
     source.skipped = skipped
-    source.describe_sample = lambda i: f"{paths[i].parent.name}/{paths[i].name}"
+    source.describe_sample = lambda i: printable(f"{paths[i].parent.name}/{paths[i].name}")
     return source
 
 
@@ -157,9 +167,9 @@ def evaluation_source(source: str, size: int, prep: Preprocessing | None = None)
     if source == "photos":
         return _flat_source(photos_dir(), prep, None, "photos")
     path = Path(source)
-    if path.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+    if path.is_dir() and sub_folders(path):
         return _labelled_source(path, prep)
-    return _flat_source(path, prep, None, str(path))
+    return _flat_source(path, prep, None, printable(str(path)))
 
 
 def calibration_source(source: str, size: int, count: int = DEFAULT_CALIB_SAMPLES,
@@ -174,7 +184,7 @@ def calibration_source(source: str, size: int, count: int = DEFAULT_CALIB_SAMPLE
     prep = prep or Preprocessing(size=size)
     if source == "photos":
         return _flat_source(photos_dir(), prep, count, "photos")
-    return _flat_source(Path(source), prep, count, str(source))
+    return _flat_source(Path(source), prep, count, printable(str(source)))
 
 
 def _as_dataset(source: Source) -> DataSet:
@@ -189,14 +199,5 @@ def calibration_set(source: str, size: int, count: int = DEFAULT_CALIB_SAMPLES,
     return _as_dataset(calibration_source(source, size, count, prep))
 
 
-def evaluation_set(source: str, size: int, prep: Preprocessing | None = None) -> DataSet:
-    """A whole evaluation set in memory (small sets and training only; parity and evaluate stream)."""
-    return _as_dataset(evaluation_source(source, size, prep))
-
-
 def folder_samples(folder: Path, prep: Preprocessing, count: int | None, source: str) -> DataSet:
     return _as_dataset(_flat_source(Path(folder), prep, count, source))
-
-
-def labelled_folder(root: Path, prep: Preprocessing) -> DataSet:
-    return _as_dataset(_labelled_source(Path(root), prep))

@@ -10,6 +10,7 @@ preprocessed float32 batches in order - the same value as hashing the whole arra
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -86,7 +87,8 @@ def batches(source: Source, batch: int = 32, workers: int = 2, stats: StreamStat
         stats.skip(what, reason)
     digest = hashlib.sha256()
     chunks = [range(i, min(i + batch, source.count)) for i in range(0, source.count, batch)]
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode")
+    try:
         pending: deque = deque()
         upcoming = iter(chunks)
         for chunk in upcoming:
@@ -108,6 +110,8 @@ def batches(source: Source, batch: int = 32, workers: int = 2, stats: StreamStat
             digest.update(np.ascontiguousarray(array).tobytes())
             stats.count += len(array)
             yield Batch(array, np.asarray(labels, np.int64) if source.labelled else None)
+    finally:   # on Ctrl-C/SIGTERM (or a consumer that stops early) queued batches are not decoded any more
+        pool.shutdown(wait=True, cancel_futures=True)
     stats.sha256 = digest.hexdigest()
 
 
@@ -121,11 +125,12 @@ def array_source(name: str, images: np.ndarray, labels: np.ndarray | None, prepr
 
 
 def files_fingerprint(paths: Sequence[Path], extra: str = "") -> str:
-    """Identity of a list of files without reading them: names, sizes, modification times."""
+    """Identity of a list of files without reading them: names (their bytes: any encoding), sizes,
+    modification times."""
     digest = hashlib.sha256(extra.encode())
     for path in paths:
         st = path.stat()
-        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        digest.update(os.fsencode(path) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 

@@ -1,5 +1,5 @@
-"""Artifact producers. The format table maps each user-facing format name to its file, precision
-and the backend that runs it; producers are imported only when their format is asked for."""
+"""Artifact producers and the layer map (which graph nodes belong to which paper layer); the format table
+itself lives in ``ulsam_deploy.formats``. Producers are imported only when their format is asked for."""
 
 from __future__ import annotations
 
@@ -7,46 +7,15 @@ import contextlib
 import io
 import logging
 import warnings
-from dataclasses import dataclass
 
 from ..errors import UlsamError
+from ..formats import (CPU_FORMATS, DEFAULT_FORMATS, FORMATS, KEEP_FLOAT_FORMATS, Format,  # noqa: F401
+                       parse_formats)
 
 
 # Bumped whenever a producer's output changes, so that `export` rebuilds artifacts made by an older recipe.
 # 3: INT8 logits no longer quantised (no clipping at the calibrated range); TFLite entries record their taps.
 RECIPE = "3"
-
-
-@dataclass(frozen=True)
-class Format:
-    name: str
-    filename: str
-    precision: str
-    backend: str
-    needs: tuple[str, ...] = ()     # formats that must exist first
-    calibrated: bool = False
-
-
-FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("onnx", "model.onnx", "fp32", "onnxruntime"),
-    Format("onnx-int8", "model.int8.onnx", "int8", "onnxruntime", ("onnx",), calibrated=True),
-    Format("onnx-int8-trt", "model.int8.trt.onnx", "int8", "onnxruntime", ("onnx",), calibrated=True),
-    Format("tflite-fp32", "model_fp32.tflite", "fp32", "litert", ("onnx",)),
-    Format("tflite-fp16", "model_fp16.tflite", "fp16", "litert", ("onnx",)),
-    Format("tflite-int8", "model_int8.tflite", "int8", "litert", ("onnx",), calibrated=True),
-    Format("tflite-int8-plain", "model_int8_plain.tflite", "int8", "litert", ("onnx",), calibrated=True),
-    Format("trt-fp16", "model_fp16.engine", "fp16", "tensorrt", ("onnx",)),
-    Format("trt-int8", "model_int8.engine", "int8", "tensorrt", ("onnx-int8-trt",), calibrated=True),
-)}
-CPU_FORMATS = ("onnx", "onnx-int8", "tflite-fp32", "tflite-fp16", "tflite-int8")
-# Built only on request: the plain full-integer TFLite (attention in INT8 too), for comparison, and the
-# symmetric Q/DQ ONNX that TensorRT builds from (ONNX Runtime runs it correctly but slowly on x86).
-DEFAULT_FORMATS = ("onnx", "onnx-int8")
-
-
-# The INT8 formats whose recipe honours `export --keep-float` (the plain TFLite model is the converter's
-# untouched full-integer baseline, kept for comparison).
-KEEP_FLOAT_FORMATS = ("onnx-int8", "onnx-int8-trt", "tflite-int8", "trt-int8")
 
 
 def parse_keep_float(text: str) -> tuple[int, ...]:
@@ -67,33 +36,6 @@ def check_keep_float(layers: tuple[int, ...], spec) -> None:
     for layer in layers:
         if not 1 <= layer <= last:
             raise UlsamError(f"--keep-float {layer} is not a layer of {spec.arch.upper()} (1-{last})")
-
-
-def parse_formats(text: str) -> tuple[str, ...]:
-    """``"onnx,tflite-int8"`` -> ordered tuple with dependencies first; ``all``/``cpu`` expand."""
-    names: list[str] = []
-    for raw in text.split(","):
-        token = raw.strip().lower()
-        if not token:
-            raise UlsamError(f"empty format in {text!r}", f"choose from {', '.join(FORMATS)}")
-        expanded = {"all": tuple(FORMATS), "cpu": CPU_FORMATS, "tflite": CPU_FORMATS[2:],
-                    "trt": ("trt-fp16", "trt-int8")}.get(token, (token,))
-        for name in expanded:
-            if name not in FORMATS:
-                raise UlsamError(f"format {name!r} is unknown", f"choose from {', '.join(FORMATS)}, cpu or all")
-            if name not in names:
-                names.append(name)
-    ordered: list[str] = []
-
-    def add(name: str) -> None:
-        for dep in FORMATS[name].needs:
-            add(dep)
-        if name not in ordered:
-            ordered.append(name)
-
-    for name in names:
-        add(name)
-    return tuple(ordered)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UlsamError
-from ..fileio import atomic_path
+from ..store.fileio import atomic_path
 
 FP16_MAX = float(np.finfo(np.float16).max)
 _SUFFIX = {True: "__fp16", False: "__fp32"}     # names of Casts and of initializer copies, by target

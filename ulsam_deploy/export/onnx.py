@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UlsamError
-from ..fileio import atomic_path
+from ..store.fileio import atomic_path
 from . import quiet
 
 OPSET = 18

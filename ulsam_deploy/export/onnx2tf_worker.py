@@ -7,7 +7,7 @@
 every network request is refused, so a conversion that would download fails instead of reaching out.
 ``quantize`` keeps in float, besides ULSAM's attention path, the classifier (so that logits beyond the
 calibrated range are not clipped) and the ops named in FLOAT_OPS.json (tensor keys, see
-:func:`ulsam_deploy.layermap.tensor_key`), through the converter's selective quantisation (denylist).
+:func:`ulsam_deploy.export.layermap.tensor_key`), through the converter's selective quantisation (denylist).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _float_tensors(saved_model: str, float_keys) -> list[str]:
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
 
-    from ..layermap import tensor_key
+    from .layermap import tensor_key
 
     interpreter = Interpreter(model_content=tf.lite.TFLiteConverter.from_saved_model(str(saved_model)).convert())
     names = {d["index"]: d["name"] for d in interpreter.get_tensor_details()}

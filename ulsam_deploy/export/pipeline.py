@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import DataSet, Preprocessing, calibration_set
-from ..errors import BackendUnavailable, InputFileError, StaleArtifactError, UlsamError
+from ..errors import BackendUnavailable, InputFileError, Interrupted, StaleArtifactError, UlsamError
 from ..extras import install_hint, require
-from ..manifest import REFERENCE, Manifest, locked, weights_sha256
-from ..artifact_io import describe_io
+from ..store.manifest import REFERENCE, Manifest, locked, weights_sha256
+from ..runtime.io import describe_io
 from ..nets import MobileNet, save_checkpoint
 from ..nets.build import sha256_file
 from . import FORMATS, KEEP_FLOAT_FORMATS, RECIPE, check_keep_float
@@ -61,12 +61,6 @@ class ExportResult:
     artifacts: list[ExportedArtifact] = field(default_factory=list)
     calibration: dict | None = None
     seconds: float = 0.0
-
-
-class Interrupted(UlsamError):
-    """Ctrl-C or SIGTERM during an export: what is finished stays, a rerun resumes."""
-
-    exit_code = 130
 
 
 def _start_manifest(out: Path, request: ExportRequest, weights: str) -> Manifest:
@@ -124,7 +118,7 @@ def validate(request: ExportRequest) -> DataSet | None:
         raise UlsamError(f"calibration method {request.calib_method!r} is unknown", f"choose one of {', '.join(METHODS)}")
     check_keep_float(request.keep_float, request.model.spec)
     if any(FORMATS[n].backend == "tensorrt" for n in request.formats):
-        from .tensorrt import require as require_tensorrt
+        from ..runtime.engines import require as require_tensorrt
 
         require_tensorrt("TensorRT export")
     if any(FORMATS[n].backend == "litert" for n in request.formats):
@@ -204,7 +198,7 @@ def _is_current(manifest: Manifest, name: str, calib: dict | None, keep_float: t
     if entry.get("recipe") != RECIPE or "io" not in entry:
         return False
     if FORMATS[name].backend == "tensorrt":
-        from .tensorrt import engine_mismatch, environment
+        from ..runtime.engines import engine_mismatch, environment
 
         try:
             if engine_mismatch(entry, environment()):

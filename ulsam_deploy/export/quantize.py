@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import UlsamError
-from ..fileio import atomic_path
+from ..store.fileio import atomic_path
 from . import quiet
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -172,7 +172,7 @@ def _layer_nodes(fp32_path: Path, model, keep_float: Sequence[int], reference) -
         raise UlsamError("keeping layers in float needs the eager model to locate them")
     import hashlib
 
-    from .. import layermap
+    from . import layermap
 
     key = hashlib.sha256(Path(fp32_path).read_bytes()).hexdigest()   # the ONNX holds the weights: one model
     if key not in _MEMBERS:

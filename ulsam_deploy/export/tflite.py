@@ -10,7 +10,7 @@ ONNX INT8 (NHWC, normalised - the model's own input). The default keeps ULSAM's 
 softmax has a fixed output scale of 1/256, which leaves attention weights over 16-196 positions
 within a few quantisation steps. It also keeps the classifier (FULLY_CONNECTED) in float with float32
 model input and output, so logits beyond the calibrated range are not clipped, and the ops of the
-``keep_float`` paper layers (located through :mod:`ulsam_deploy.layermap` on onnx2tf's float model, whose
+``keep_float`` paper layers (located through :mod:`ulsam_deploy.export.layermap` on onnx2tf's float model, whose
 tensor keys the quantised model shares). ``tflite-int8-plain`` is the converter's plain full-integer
 model (int8 I/O), for comparison.
 """
@@ -30,7 +30,7 @@ import numpy as np
 
 from ..data import calibration_set
 from ..errors import BackendUnavailable, UlsamError
-from ..fileio import atomic_path
+from ..store.fileio import atomic_path
 from . import FORMATS
 
 SAMPLE_NAME = "calibration_image_sample_data_20x128x128x3_float32.npy"
@@ -78,8 +78,8 @@ def _worker(*args: str, cwd: Path) -> None:
 def _located(out: Path, manifest) -> dict:
     """Taps and layer members of onnx2tf's float model (the quantised models share its tensor keys)."""
     if str(out) not in _LOCATED:
-        from .. import layermap
-        from ..manifest import REFERENCE
+        from . import layermap
+        from ..store.manifest import REFERENCE
         from ..nets import load_model
         from ..runtime.litert import open_interpreter
 

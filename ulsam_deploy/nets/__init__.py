@@ -1,4 +1,4 @@
-"""Networks: ULSAM, MobileNet-V1/V2, and checkpoints."""
+"""Networks: ULSAM, MobileNet-V1/V2, checkpoints, other libraries' layouts and ULSAM surgery."""
 
 from .backbones import MobileNet
 from .build import build_model, load_checkpoint, load_model, save_checkpoint

@@ -10,8 +10,8 @@ from collections import OrderedDict
 
 from torch import nn
 
-from ..arch import LayerDef
-from ..spec import ModelSpec
+from ..model.arch import LayerDef
+from ..model.spec import ModelSpec
 from .ulsam import ULSAM
 
 ACTIVATION_MODULES: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "relu6": nn.ReLU6}

@@ -1,25 +1,32 @@
 """Spec -> module, and checkpoints: safetensors with the spec in the metadata, or .pth/.pt read
 with ``torch.load(weights_only=True)``. Other layouts (official ULSAM, torchvision, timm) are detected
-and renamed to ours by :mod:`.layouts` as they are read."""
+and renamed to ours by :mod:`.layouts` as they are read; metadata is validated by :mod:`.metadata`.
+
+A network's size is known before it is built (:func:`estimate_size`, on PyTorch's meta device): commands
+that build one refuse a spec over :data:`MAX_BUILD_BYTES` unless asked (:func:`check_model_size`)."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
-import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import InputFileError, SpecError
-from ..fileio import atomic_path
-from ..spec import ModelSpec
+from ..store.fileio import atomic_path
+from ..model.spec import ModelSpec
 from .backbones import MobileNet
 from .layouts import Layout, check_compatible, to_ours, unwrap
+from .metadata import FORMAT_TAG, CheckpointMetadata, validate_metadata
 
 CHECKPOINT_NAME = "model.safetensors"
-FORMAT_TAG = "ulsam-deploy/1"
+# What a command may build without being asked: fp32 weights plus the largest layer's input and output at
+# batch 1. MobileNet-V2 at width 2 and 2048 px needs 1.5 GiB; width 4 with 100,000 classes at 2048 px, 5.0 GiB.
+MAX_BUILD_BYTES = 4 << 30
+ALLOW_LARGE_ENV = "ULSAM_ALLOW_LARGE"
 
 
 def build_model(spec: ModelSpec, seed: int | None = 0) -> MobileNet:
@@ -31,6 +38,55 @@ def build_model(spec: ModelSpec, seed: int | None = 0) -> MobileNet:
     else:
         model = MobileNet(spec)
     return model.eval()
+
+
+def meta_model(spec: ModelSpec) -> MobileNet:
+    """``spec``'s network on PyTorch's meta device: every shape, no memory for weights (for counting)."""
+    with torch.device("meta"):
+        return MobileNet(spec).eval()
+
+
+@dataclass(frozen=True)
+class SizeEstimate:
+    """What building and running ``spec`` at ``batch`` takes, bytes (fp32)."""
+
+    params: int                      # parameters and buffers (BatchNorm statistics)
+    weight_bytes: int
+    activation_bytes: int            # the largest layer's input + output at this batch
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.activation_bytes
+
+
+def estimate_size(spec: ModelSpec, batch: int = 1) -> SizeEstimate:
+    """The memory a real ``spec`` network needs, measured on the meta device (nothing allocated)."""
+    model = meta_model(spec)
+    params = sum(t.numel() for t in model.state_dict().values())
+    largest = [0]
+
+    def hook(module, inputs, output):
+        largest[0] = max(largest[0], sum(x.numel() for x in inputs if isinstance(x, torch.Tensor)) + output.numel())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    with torch.no_grad():
+        model(torch.empty(batch, 3, spec.input_size, spec.input_size, device="meta"))
+    for handle in handles:
+        handle.remove()
+    return SizeEstimate(params, 4 * params, 4 * largest[0])
+
+
+def check_model_size(spec: ModelSpec, batch: int = 1, allow_large: bool = False) -> SizeEstimate:
+    """Refuse, before anything is allocated, a network whose estimate is over :data:`MAX_BUILD_BYTES`,
+    unless ``allow_large`` or the environment variable ``ULSAM_ALLOW_LARGE=1`` says to go ahead."""
+    estimate = estimate_size(spec, batch)
+    if estimate.total_bytes > MAX_BUILD_BYTES and not (allow_large or os.environ.get(ALLOW_LARGE_ENV) == "1"):
+        raise SpecError(f"{spec.name} needs about {estimate.total_bytes / 2 ** 30:.1f} GiB "
+                        f"({estimate.params:,} weights and statistics, {estimate.weight_bytes / 2 ** 30:.2f} GiB, plus "
+                        f"{estimate.activation_bytes / 2 ** 30:.2f} GiB of activations at batch {batch}), over the "
+                        f"{MAX_BUILD_BYTES / 2 ** 30:g} GiB limit",
+                        f"pass --allow-large (or set {ALLOW_LARGE_ENV}=1) if the machine has the memory")
+    return estimate
 
 
 def checkpoint_file(path: Path) -> Path:
@@ -63,6 +119,7 @@ def save_checkpoint(model: MobileNet, path: Path, extra: dict[str, str] | None =
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT_TAG, "spec": model.spec.to_json(), **(extra or {})}
+    validate_metadata(metadata, str(path))   # never write what a reader would refuse (a key missing from the schema)
     from safetensors import SafetensorError
 
     with atomic_path(Path(path)) as tmp:
@@ -81,23 +138,32 @@ class Checkpoint:
     state: dict[str, torch.Tensor]                    # our tensor names
     layout: Layout                                    # the names it came with
     spec: ModelSpec | None = None                     # the spec it carries (our safetensors only)
-    metadata: dict[str, str] = field(default_factory=dict)
+    metadata: CheckpointMetadata | None = None        # validated; None for .pth and other libraries' files
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
     """Read a checkpoint or model folder: container unwrapped, layout detected, names mapped to ours."""
     path = checkpoint_file(path)
     suffix = path.suffix.lower()
+    metadata = read_metadata(path)   # validated before a tensor is read
     if suffix == ".safetensors":
-        state, metadata = read_safetensors(path)
-        spec = ModelSpec.from_json(metadata["spec"]) if "spec" in metadata else None
+        state = read_safetensors(path)[0]
     elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        state, metadata, spec = _load_pickle(path), {}, None
+        state = _load_pickle(path)
     else:
         raise InputFileError(f"checkpoint {path.name} has an unknown extension {suffix or '(none)'}",
                              "use .safetensors (preferred) or .pth/.pt")
     state, layout = to_ours(unwrap(state, str(path)), str(path))
-    return Checkpoint(path, state, layout, spec, metadata)
+    return Checkpoint(path, state, layout, metadata.model_spec if metadata else None, metadata)
+
+
+def read_metadata(path: Path) -> CheckpointMetadata | None:
+    """The validated metadata of a checkpoint or model folder (header only, no tensors read); None for
+    .pth files and other libraries' safetensors, which carry none of ours."""
+    path = checkpoint_file(path)
+    if path.suffix.lower() != ".safetensors":
+        return None
+    return validate_metadata(read_safetensors(path, tensors=False)[1], str(path))
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], ModelSpec | None]:
@@ -125,8 +191,8 @@ def stored_spec(path: Path) -> ModelSpec | None:
     if path.suffix.lower() != ".safetensors":
         load_checkpoint(path)   # still refuses unreadable or unsafe files here
         return None
-    metadata = read_safetensors(path, tensors=False)[1]
-    return ModelSpec.from_json(metadata["spec"]) if "spec" in metadata else None
+    metadata = read_metadata(path)
+    return metadata.model_spec if metadata else None
 
 
 def _load_pickle(path: Path) -> object:
@@ -136,7 +202,8 @@ def _load_pickle(path: Path) -> object:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputFileError(f"{path} holds objects other than tensors and was refused (weights_only=True): {first[:160]}",
                              "re-save the weights as a plain state_dict or as safetensors") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+    except Exception as exc:   # noqa: BLE001 - untrusted bytes: whatever the reader trips on (IndexError in the
+        # unpickler for a short text file, BadZipFile, EOFError, RecursionError...) means "not a checkpoint"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputFileError(f"{path} is not a readable PyTorch checkpoint: {first[:160]}") from None
     return obj
@@ -145,6 +212,13 @@ def _load_pickle(path: Path) -> object:
 def load_state(model: MobileNet, state: dict[str, torch.Tensor], source: str = "checkpoint") -> MobileNet:
     """Load ``state`` (our names) into ``model`` strictly; name the first mismatching tensor and both shapes."""
     expected = model.state_dict()
+    check_fits(expected, state, source)
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    return model.eval()
+
+
+def check_fits(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse a ``state`` whose names or shapes are not ``expected``'s (a state dict, real or on meta)."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -157,8 +231,6 @@ def load_state(model: MobileNet, state: dict[str, torch.Tensor], source: str = "
             raise InputFileError(f"{source}: tensor {key} has shape {tuple(state[key].shape)}, "
                                  f"the model expects {tuple(tensor.shape)}",
                                  "check --arch/--positions/--groups/--width/--num-classes")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
-    return model.eval()
 
 
 def load_model(path: Path, spec: ModelSpec | None = None) -> MobileNet:
@@ -179,4 +251,5 @@ def model_from(checkpoint: Checkpoint, spec: ModelSpec | None = None) -> MobileN
     if spec is None:
         raise SpecError(f"checkpoint {path} carries no model spec", "pass --arch/--positions/--groups too")
     check_compatible(checkpoint.layout, spec, str(path))
+    check_fits(meta_model(spec).state_dict(), checkpoint.state, str(path))   # before a byte is allocated
     return load_state(build_model(spec, seed=None), checkpoint.state, source=str(path))

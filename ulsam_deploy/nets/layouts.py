@@ -15,9 +15,9 @@ from typing import Callable
 
 import torch
 
-from ..arch import layer_table
+from ..model.arch import layer_table
 from ..errors import InputFileError, SpecError
-from ..spec import ModelSpec
+from ..model.spec import ModelSpec
 from .ulsam import from_official, is_official_layout, to_official
 
 State = dict[str, torch.Tensor]
@@ -218,8 +218,8 @@ def _official_from_ours(state: State, spec: ModelSpec) -> State:
 def _official_to_ours(state: State) -> State:
     try:
         return from_official(state)
-    except ValueError as exc:
-        raise InputFileError(f"official ULSAM layout: {exc}") from None
+    except (ValueError, RuntimeError) as exc:   # RuntimeError: subspace tensors torch.cat cannot join
+        raise InputFileError(f"official ULSAM layout: {str(exc).splitlines()[0][:160]}") from None
 
 
 LAYOUTS: tuple[Layout, ...] = (
@@ -254,9 +254,38 @@ def detect(state: State, source: str) -> Layout:
 
 
 def to_ours(state: State, source: str) -> tuple[State, Layout]:
-    """(``state`` renamed to our layout, the layout it came in)."""
+    """(``state`` renamed to our layout, the layout it came in), every tensor of the rank its name needs."""
     layout = detect(state, source)
-    return layout.to_ours(state), layout
+    ours = layout.to_ours(state)
+    check_tensors(ours, source)
+    return ours, layout
+
+
+# Our names end in what a tensor is: a conv's weight is 4-D, a linear's 2-D, BatchNorm's and biases 1-D.
+_CONV_WEIGHT = re.compile(r"\.(0|dw|pw)\.weight$")
+
+
+def expected_rank(key: str) -> int:
+    """The number of dimensions the tensor named ``key`` (our layout) has in any network of ours."""
+    if key.endswith(".num_batches_tracked"):
+        return 0
+    if key == "classifier.weight":
+        return 2
+    if key.endswith(".weight") and _CONV_WEIGHT.search(key):
+        return 4
+    return 1
+
+
+def check_tensors(state: State, source: str) -> None:
+    """Refuse, before any code reads a shape, a tensor of another rank than its name says, or one that is
+    not a plain dense real tensor (sparse, quantised, complex)."""
+    for key, value in state.items():
+        if value.layout != torch.strided or value.is_quantized or value.is_complex() or value.dtype == torch.bool:
+            raise InputFileError(f"{source}: tensor {key} is a {value.layout} {value.dtype} tensor, not dense real "
+                                 "numbers", "save the model's plain state_dict()")
+        if value.dim() != expected_rank(key):
+            raise InputFileError(f"{source}: tensor {key} has {value.dim()} dimensions {tuple(value.shape)}, "
+                                 f"a MobileNet's has {expected_rank(key)}", "save the model's plain state_dict()")
 
 
 def check_compatible(layout: Layout, spec: ModelSpec, source: str) -> None:

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..arch import WIDTHS, layer_table
+from ..model.arch import WIDTHS, layer_table
 from ..errors import InputFileError, SpecError
-from ..spec import WIDTH_RANGE, ModelSpec
+from ..model.spec import WIDTH_RANGE, ModelSpec
 from .backbones import MobileNet
-from .build import Checkpoint, build_model
+from .build import Checkpoint, build_model, meta_model
 from .layouts import check_compatible
 
 _LAST_CONV = re.compile(r"^features\.layer(\d+)\.(?:0|pw\.0|conv\.(\d+)\.0)\.weight$")
@@ -147,30 +147,57 @@ class TransplantReport:
     layers: list[LayerTransplant]
 
 
-def transplant(checkpoint: Checkpoint, spec: ModelSpec, seed: int = 0) -> tuple[MobileNet, TransplantReport]:
+def transplant(checkpoint: Checkpoint, spec: ModelSpec, seed: int = 0,
+               classes_asked: bool = False) -> tuple[MobileNet, TransplantReport]:
     """``spec``'s network with every tensor of ``checkpoint`` that fits it; the rest initialised with ``seed``.
 
-    Only ULSAM and classifier tensors may change shape (other groups, another class count); a backbone
-    tensor of another shape means another network and is refused.
+    Only what surgery replaces may be new: ULSAMs, and a classifier for another class count (or, when the
+    checkpoint has none, for the count the caller asked for, ``classes_asked``). A backbone tensor the
+    checkpoint lacks, or holds in another shape, means another or a damaged network and is refused, as is
+    a module loaded in part (a classifier without its bias). BatchNorm's ``num_batches_tracked`` may be
+    absent, as in PyTorch's own strict loading.
     """
     check_source(checkpoint, spec)
-    model = build_model(spec, seed=seed)
-    target = model.state_dict()
-    replaceable = (*model.ulsam_modules(), "classifier.")
+    shapes = meta_model(spec)     # shapes first: nothing is allocated for a checkpoint that is refused
+    target = shapes.state_dict()
+    replaceable = (*shapes.ulsam_modules(), "classifier.")
     loaded = {}
     for key, value in checkpoint.state.items():
         if key not in target:
             continue
         if tuple(value.shape) == tuple(target[key].shape):
-            loaded[key] = value.to(target[key].dtype)
+            loaded[key] = value
         elif not key.startswith(replaceable):
             raise InputFileError(f"{checkpoint.path}: tensor {key} has shape {tuple(value.shape)}, "
                                  f"the model expects {tuple(target[key].shape)}", "check --arch/--width")
-    model.load_state_dict(loaded, strict=False)
-    layers = _per_layer(checkpoint.state, target, set(loaded))
+    _check_complete(checkpoint, target, set(loaded), replaceable, classes_asked)
+    model = build_model(spec, seed=seed)
+    state = model.state_dict()
+    model.load_state_dict({k: v.to(state[k].dtype) for k, v in loaded.items()}, strict=False)
+    layers = _per_layer(checkpoint.state, state, set(loaded))
     report = TransplantReport(str(checkpoint.path), checkpoint.layout.title, spec.name, len(loaded),
                               sum(len(r.dropped) for r in layers), sum(len(r.new) for r in layers), layers)
     return model.eval(), report
+
+
+def _check_complete(checkpoint: Checkpoint, target: dict, loaded: set[str], replaceable: tuple[str, ...],
+                    classes_asked: bool) -> None:
+    source = checkpoint.path
+    absent = [k for k in target if k not in checkpoint.state and not k.endswith(".num_batches_tracked")]
+    backbone = [k for k in absent if not k.startswith(replaceable)]
+    if backbone:
+        raise InputFileError(f"{source} lacks {len(backbone)} backbone tensor(s) of {checkpoint.layout.title}, "
+                             f"e.g. {backbone[0]}", "a damaged or truncated file: only ULSAMs and a resized "
+                             "classifier may be new; re-save the complete state_dict()")
+    for prefix in replaceable:
+        module = [k for k in target if k.startswith(prefix)]
+        partly = [k for k in module if k in absent] if any(k in loaded for k in module) else []
+        if partly:
+            raise InputFileError(f"{source} holds {prefix.rstrip('.')} only in part: {partly[0]} is missing",
+                                 "re-save the complete state_dict()")
+    if "classifier.weight" not in checkpoint.state and not classes_asked:
+        raise SpecError(f"{source} has no classifier, so its class count is unknown",
+                        "pass --num-classes N to initialise a new classifier for N classes")
 
 
 def _group(key: str) -> str:

@@ -1,4 +1,4 @@
-"""Artifact consumers: one Runner per backend, opened by name from the manifest."""
+"""Artifact consumers: one Runner per backend, opened by name from the manifest; artifact I/O read-back."""
 
 from .base import RUNNERS, Runner, open_artifact, run_batched, runner_class
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendUnavailable, InputFileError
-from ..export.tensorrt import check_engine, require
+from .engines import check_engine, require
 
 
 def _torch_dtype(trt, torch, dtype):

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from .runtime import Runner
+from ..runtime import Runner
 
 
 @dataclass(frozen=True)

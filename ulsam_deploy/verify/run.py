@@ -12,15 +12,15 @@ from typing import Callable
 
 import numpy as np
 
-from .data.preprocess import Preprocessing
-from .data.sets import evaluation_source
-from .data.stream import Source, StreamStats, batches
-from .errors import InputFileError
-from .manifest import REFERENCE, Manifest, locked, weights_sha256
-from .nets import load_model
+from ..data.preprocess import Preprocessing
+from ..data.sets import evaluation_source, reference_set
+from ..data.stream import Source, StreamStats, batches
+from ..errors import InputFileError
+from ..store.manifest import REFERENCE, Manifest, locked, weights_sha256
+from ..nets import load_model
 from .parity import ParityResult, PassTimes, compare_stream, judge, thresholds_for
-from .refcache import ReferenceCache, cache_key
-from .runtime import open_artifact, torch_runner
+from ..store.refcache import ReferenceCache, cache_key
+from ..runtime import open_artifact, torch_runner
 
 
 @dataclass
@@ -41,10 +41,11 @@ class ParityRun:
 
 
 def data_source(manifest: Manifest, data: str | None) -> Source:
-    """The stream parity runs on: ``data`` or the model's own test set, with the recorded preprocessing."""
+    """The stream parity runs on: ``data``, else the model's own test set (a reference set the manifest
+    names; never a path it holds), else the calibration photos, with the recorded preprocessing."""
     spec = manifest.spec
     prep = Preprocessing.from_dict(manifest.data["preprocessing"])
-    source = evaluation_source(data or manifest.data.get("dataset") or "photos", spec.input_size, prep)
+    source = evaluation_source(data or reference_set(manifest.data.get("dataset")) or "photos", spec.input_size, prep)
     if source.labelled and source.num_classes not in (None, spec.num_classes):
         # labels of another task say nothing about this model; the images still serve for parity
         source.labelled = False

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
+from pathlib import PurePath
 from typing import Any, Iterable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from ..errors import printable
 
 # Off a terminal (pipes, CI logs) Rich would assume 80 columns and truncate; give tables room.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -28,6 +33,8 @@ def progress():
 
 
 def to_jsonable(obj: Any) -> Any:
+    """Plain JSON values; strict JSON has no NaN or infinity, so a non-finite number is written as the
+    string "NaN", "Infinity" or "-Infinity" (it must show, not vanish), and text is made printable."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {k: to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
     if isinstance(obj, (list, tuple)):
@@ -35,12 +42,18 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return obj.item()
+        return to_jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, str):
+        return printable(obj)
+    if isinstance(obj, PurePath):
+        return printable(str(obj))
     return obj
 
 
 def print_json(obj: Any) -> None:
-    print(json.dumps(to_jsonable(obj), indent=2))
+    print(json.dumps(to_jsonable(obj), indent=2, allow_nan=False))
 
 
 def millions(value: float) -> str:
@@ -48,13 +61,19 @@ def millions(value: float) -> str:
 
 
 def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]], caption: str | None = None) -> Table:
+    """A Rich table; its text is shown as it is (a file named ``[/b].png`` is no markup), printable."""
+    title, caption = _plain(title), None if caption is None else _plain(caption)
     out = Table(title=title, caption=caption, header_style="bold")
     for name in columns:
         out.add_column(name, justify="left" if name in ("layer", "type", "model", "positions", "artifact",
                                                         "backend", "metric", "status") else "right")
     for row in rows:
-        out.add_row(*[str(cell) for cell in row])
+        out.add_row(*[_plain(cell) for cell in row])
     return out
+
+
+def _plain(value: Any) -> str:
+    return escape(printable(str(value)))
 
 
 def profile_table(prof) -> Table:
@@ -91,7 +110,7 @@ def _pct(value) -> str:
 
 
 def parity_table(run) -> Table:
-    """A :class:`~ulsam_deploy.verify.ParityRun`: one row per artifact, missing ones as FAIL rows."""
+    """A :class:`~ulsam_deploy.verify.run.ParityRun`: one row per artifact, missing ones as FAIL rows."""
     rows = [(r.artifact, r.backend, r.precision, _pct(r.top1_agreement), _pct(r.top5_agreement),
              _pct(r.accuracy), "-" if r.accuracy_delta is None else f"{r.accuracy_delta:+.2f}",
              f"{r.cosine_mean:.6f}", f"{r.cosine_min:.6f}", f"{r.max_abs:.2e}", f"{r.mean_abs:.2e}",
@@ -151,7 +170,7 @@ def plot_bench(result, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .fileio import atomic_path
+    from ..store.fileio import atomic_path
 
     def label(r) -> str:
         return f"{r.backend}\n{r.precision}" + (f"\nb{r.batch}" if r.batch != 1 else "")

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputFileError
-from .layermap import tensor_key, to_eager_layout
-from .runtime import open_artifact
+from ..errors import InputFileError
+from ..export.layermap import tensor_key, to_eager_layout
+from ..runtime import open_artifact
 
 POST_Q, PRE_Q, FLOAT = "post-quantisation", "pre-quantisation", "float"
 

@@ -1,6 +1,8 @@
 """Per-layer parameters and multiply-accumulates (MACs), counted two ways.
 
-* Direct: the real PyTorch model. Params = every parameter (BN included); MACs = conv + linear.
+* Direct: the PyTorch model, built on the meta device (shapes only: counting allocates no weights, so
+  a 100,000-class width-4 network at 2048 px is counted in a blink). Params = every parameter (BN
+  included); MACs = conv + linear.
 * Paper convention (PAPER.md): the backbone paper's published totals, minus the conv weights and
   conv MACs of each substituted layer, plus 2m params and 2m*h*w MACs per ULSAM. Where no
   published total exists (other widths, class counts or input sizes) the base is the direct
@@ -14,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .nets import build_model
-from .nets.ulsam import ULSAM
+from ..nets.build import meta_model
+from ..nets.ulsam import ULSAM
 from .spec import ModelSpec
 
 # Published backbone totals (params, MACs) at 224x224 with 1000 classes, by (arch, width).
@@ -65,8 +67,8 @@ def _module_type(module: nn.Module) -> str:
 
 @torch.no_grad()
 def count_layers(spec: ModelSpec) -> list[LayerProfile]:
-    """One row per numbered layer (and inserted ULSAM) plus the classifier, at batch 1."""
-    model = build_model(spec)
+    """One row per numbered layer (and inserted ULSAM) plus the classifier, at batch 1 (on the meta device)."""
+    model = meta_model(spec)
     macs: dict[str, int] = {}
     weights: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -79,7 +81,7 @@ def count_layers(spec: ModelSpec) -> list[LayerProfile]:
             if isinstance(leaf, (nn.Conv2d, nn.Linear)):
                 handles.append(leaf.register_forward_hook(lambda m, i, o, top=top: _add_macs(m, o, top, macs)))
                 weights[top] += leaf.weight.numel()
-    model(torch.zeros(1, 3, spec.input_size, spec.input_size))
+    model(torch.empty(1, 3, spec.input_size, spec.input_size, device="meta"))
     for handle in handles:
         handle.remove()
     return [LayerProfile(_label(top), _module_type(block), shapes[top],

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import time_calls
-from .runtime import open_artifact
+from .timing import time_calls
+from ..runtime import open_artifact
 
 SHAPES = ((1024, 1024, 1024), (256, 2048, 2048), (2048, 512, 2048))   # (m, k, n)
 

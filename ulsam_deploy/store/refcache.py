@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import StaleArtifactError
+from ..errors import StaleArtifactError
 from .fileio import atomic_path, write_json_atomic
 
 FOLDER = "reference-logits"

@@ -69,7 +69,7 @@ def plot_inspection(inspection, samples, path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .fileio import atomic_path
+    from ..store.fileio import atomic_path
 
     keys = list(samples.eager)
     shown = [a for a in inspection.artifacts if a.precision != "fp32"] or inspection.artifacts

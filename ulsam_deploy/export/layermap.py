@@ -35,7 +35,7 @@ class Tap:
 
 def taps_of(model) -> list[Tap]:
     """Every paper layer's output and every ULSAM attention map, in network order, then the logits."""
-    from .nets.ulsam import ULSAM
+    from ..nets.ulsam import ULSAM
 
     taps = []
     for name, module in model.features.named_children():
@@ -53,7 +53,7 @@ def eager_taps(model, images: np.ndarray) -> dict[str, np.ndarray]:
     """The eager fp32 values of every tap for ``images`` (NCHW), by tap key; attention maps (N, g, H, W)."""
     import torch
 
-    from .nets.ulsam import ULSAM
+    from ..nets.ulsam import ULSAM
 
     values: dict[str, np.ndarray] = {}
 
@@ -211,7 +211,7 @@ def tflite_locations(tflite_path: Path, model) -> dict[str, dict]:
     (no delegate: XNNPACK would compute the float graph in its own buffers)."""
     from ai_edge_litert.interpreter import OpResolverType
 
-    from .runtime.litert import open_interpreter
+    from ..runtime.litert import open_interpreter
 
     sample = probe_sample(model.spec.input_size)
     interpreter = open_interpreter(

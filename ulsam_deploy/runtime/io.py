@@ -40,7 +40,7 @@ def _onnx(path: Path) -> dict:
 
 
 def _tflite(path: Path) -> dict:
-    from .runtime.litert import open_interpreter
+    from .litert import open_interpreter
 
     interpreter = open_interpreter(path)
 
@@ -56,6 +56,6 @@ def _tflite(path: Path) -> dict:
 
 
 def _engine(path: Path) -> dict:
-    from .runtime.tensorrt import engine_io
+    from .tensorrt import engine_io
 
     return engine_io(path)

@@ -20,10 +20,12 @@ from typing import Any, Iterator, Literal, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import InputFileError, StaleArtifactError, UlsamError
+from ..data.preprocess import PreprocessingModel
+from ..errors import InputFileError, StaleArtifactError, UlsamError
+from ..formats import FORMATS
+from ..model.spec import ModelSpec
+from ..nets.build import sha256_file
 from .fileio import write_json_atomic
-from .nets.build import sha256_file
-from .spec import ModelSpec
 
 MANIFEST = "manifest.json"
 REFERENCE = "reference.safetensors"
@@ -77,26 +79,6 @@ class ArtifactEntry(BaseModel):
         return _sha(value)
 
 
-class PreprocessingModel(BaseModel):
-    """What every consumer feeds the artifacts: it must be complete and match the model's input size."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-    size: int = Field(ge=1, le=4096)
-    crop_fraction: float = Field(gt=0, le=1, allow_inf_nan=False)
-    mean: list[float] = Field(min_length=3, max_length=3)
-    std: list[float] = Field(min_length=3, max_length=3)
-    channel_order: Literal["RGB"]
-    layout: Literal["NCHW"]
-    interpolation: Literal["bilinear", "bicubic"]
-
-    @field_validator("std")
-    @classmethod
-    def _positive(cls, value):
-        if not all(v > 0 and v == v and v != float("inf") for v in value):
-            raise ValueError("std must be positive")
-        return value
-
-
 class ManifestModel(BaseModel):
     """The whole manifest.json; unknown top-level keys are kept (newer writers may add some)."""
 
@@ -138,8 +120,6 @@ class ManifestModel(BaseModel):
     @field_validator("artifacts")
     @classmethod
     def _known_formats(cls, value: dict) -> dict:
-        from .export import FORMATS
-
         for key, entry in value.items():
             fmt = FORMATS.get(key)
             if fmt is None:

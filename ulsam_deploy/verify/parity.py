@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .runtime import Runner
+from ..runtime import Runner
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ class ParityResult:
     max_abs: float
     mean_abs: float
     logit_range: float
+    nonfinite: int = 0                       # samples whose artifact logits hold a NaN or an infinity
+    reference_nonfinite: int = 0             # samples whose eager reference logits do
     accuracy: float | None = None            # percent, when the data are labelled
     reference_accuracy: float | None = None
     accuracy_delta: float | None = None      # points (artifact - reference)
@@ -77,8 +79,15 @@ def compare(logits: np.ndarray, reference: np.ndarray, labels: np.ndarray | None
 
 
 def judge(result: ParityResult, limits: Thresholds) -> ParityResult:
-    """Fill ``breaches``/``passed`` from ``limits``; each breach names the metric, value and limit."""
+    """Fill ``breaches``/``passed`` from ``limits``; each breach names the metric, value and limit.
+
+    A non-finite logit fails whatever the limits: NaN compares false with every threshold."""
     breaches = []
+    if result.nonfinite:
+        breaches.append(f"non-finite logits (NaN or infinity) in {result.nonfinite} of {result.count} samples")
+    if result.reference_nonfinite:
+        breaches.append(f"the eager reference gives non-finite logits in {result.reference_nonfinite} of "
+                        f"{result.count} samples")
     if limits.max_abs is not None and result.max_abs > limits.max_abs:
         breaches.append(f"max_abs {result.max_abs:.3g} > {limits.max_abs:g}")
     if limits.max_abs_rel is not None and result.max_abs > limits.max_abs_rel * max(result.logit_range, 1e-12):
@@ -95,10 +104,14 @@ def judge(result: ParityResult, limits: Thresholds) -> ParityResult:
 
 
 class ParityAccumulator:
-    """The parity statistics, accumulated batch by batch in float64 (memory O(classes))."""
+    """The parity statistics, accumulated batch by batch in float64 (memory O(classes)).
+
+    A sample with a non-finite logit (artifact or reference) agrees on nothing and is counted; the
+    cosine, difference and range statistics carry the NaN or infinity rather than hide it."""
 
     def __init__(self) -> None:
         self.n = self.top1 = self.top5 = self.correct = self.ref_correct = 0
+        self.nonfinite = self.ref_nonfinite = 0
         self.labelled = True
         self.cos_sum, self.cos_min, self.max_abs, self.abs_sum, self.values = 0.0, np.inf, 0.0, 0.0, 0
         self.ref_max, self.ref_min = -np.inf, np.inf
@@ -108,36 +121,56 @@ class ParityAccumulator:
         k = min(5, reference.shape[1])
         top_ref = np.argsort(-reference, axis=1)[:, :k]
         top_out = np.argsort(-logits, axis=1)[:, :k]
+        out_ok, ref_ok = np.isfinite(logits).all(1), np.isfinite(reference).all(1)
+        valid = out_ok & ref_ok
         diff = np.abs(logits - reference)
-        norms = np.linalg.norm(logits, axis=1) * np.linalg.norm(reference, axis=1)
-        cosine = np.where(norms > 0, (logits * reference).sum(1) / np.maximum(norms, 1e-30), 1.0)
+        cosine = row_cosine(logits, reference)
         self.n += len(logits)
-        self.top1 += int((top_ref[:, 0] == top_out[:, 0]).sum())
-        self.top5 += int((np.sort(top_ref, 1) == np.sort(top_out, 1)).all(1).sum())
+        self.nonfinite += int((~out_ok).sum())
+        self.ref_nonfinite += int((~ref_ok).sum())
+        self.top1 += int(((top_ref[:, 0] == top_out[:, 0]) & valid).sum())
+        self.top5 += int(((np.sort(top_ref, 1) == np.sort(top_out, 1)).all(1) & valid).sum())
         self.cos_sum += float(cosine.sum())
-        self.cos_min = min(self.cos_min, float(cosine.min()))
-        self.max_abs = max(self.max_abs, float(diff.max()))
+        self.cos_min = float(np.min([self.cos_min, cosine.min()]))     # np.min keeps a NaN, min() drops it
+        self.max_abs = float(np.max([self.max_abs, diff.max()]))
         self.abs_sum += float(diff.sum())
         self.values += diff.size
-        self.ref_max, self.ref_min = max(self.ref_max, float(reference.max())), min(self.ref_min, float(reference.min()))
+        self.ref_max = float(np.max([self.ref_max, reference.max()]))
+        self.ref_min = float(np.min([self.ref_min, reference.min()]))
         if labels is None:
             self.labelled = False
         else:
-            self.correct += int((top_out[:, 0] == labels).sum())
-            self.ref_correct += int((top_ref[:, 0] == labels).sum())
+            self.correct += int(((top_out[:, 0] == labels) & out_ok).sum())
+            self.ref_correct += int(((top_ref[:, 0] == labels) & ref_ok).sum())
 
     def result(self) -> dict:
-        """top-1/top-5 agreement %, cosine mean/min, max/mean abs, the reference's logit range, and
-        accuracy, reference accuracy and their delta (points) when every batch had labels."""
+        """top-1/top-5 agreement %, cosine mean/min, max/mean abs, the reference's logit range, the samples
+        with non-finite logits, and accuracy, reference accuracy and their delta (points) when every batch
+        had labels."""
         if self.n == 0:
             raise ValueError("no samples were compared")
         stats = {"top1_agreement": self.top1 / self.n * 100, "top5_agreement": self.top5 / self.n * 100,
                  "cosine_mean": self.cos_sum / self.n, "cosine_min": self.cos_min, "max_abs": self.max_abs,
-                 "mean_abs": self.abs_sum / self.values, "logit_range": self.ref_max - self.ref_min}
+                 "mean_abs": self.abs_sum / self.values, "logit_range": self.ref_max - self.ref_min,
+                 "nonfinite": self.nonfinite, "reference_nonfinite": self.ref_nonfinite}
         if self.labelled:
             acc, ref_acc = self.correct / self.n * 100, self.ref_correct / self.n * 100
             stats |= {"accuracy": acc, "reference_accuracy": ref_acc, "accuracy_delta": acc - ref_acc}
         return stats
+
+
+def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b`` (float64, 2-D).
+
+    Two zero rows are alike (1.0), a zero row against another is not (0.0), and a row holding a NaN or an
+    infinity gives NaN: nothing non-finite may look like agreement."""
+    norm_a, norm_b = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    finite = np.isfinite(a).all(1) & np.isfinite(b).all(1)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        cosine = (a * b).sum(1) / (norm_a * norm_b)
+    zero_a, zero_b = norm_a == 0, norm_b == 0
+    cosine = np.where(zero_a | zero_b, np.where(zero_a & zero_b, 1.0, 0.0), cosine)
+    return np.where(finite, cosine, np.nan)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from .arch import ACTIVATIONS, ARCHS, DEFAULT_ACTIVATION, LayerDef, feature_sizes, layer_table
-from .errors import SpecError
+from ..errors import SpecError
 
 Mode = Literal["insert", "substitute"]
 _TOKEN = re.compile(r"(?P<layer>[0-9]{1,4})(?P<suffix>:[0-9]{1,4})?", re.ASCII)
@@ -96,8 +96,8 @@ class ModelSpec:
                              num_classes=int(data.get("num_classes", 1000)),
                              input_size=int(data.get("input_size", 224)),
                              activation=data.get("activation"))   # absent in older checkpoints
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SpecError(f"stored model spec is malformed: {exc}") from None
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:   # OverflowError: int(inf)
+            raise SpecError(f"stored model spec is malformed: {str(exc)[:200]}") from None
 
     @classmethod
     def from_json(cls, text: str) -> "ModelSpec":

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InputFileError, UlsamError
-from .layermap import Tap, eager_taps, onnx_locations, taps_of
+from ..errors import InputFileError, UlsamError
+from ..export.layermap import Tap, eager_taps, onnx_locations, taps_of
+from .parity import row_cosine
 
 JUMP_DB = 6.0          # a jump: SQNR falls by >= 6 dB (the error at least doubles) from one layer to the next
 DEFAULT_IMAGES = 256
@@ -85,20 +86,24 @@ class _TapAccumulator:
         ref = reference.astype(np.float64).reshape(units, -1)
         out = value.astype(np.float64).reshape(units, -1)
         diff = out - ref
-        ref_norm, out_norm = np.linalg.norm(ref, axis=1), np.linalg.norm(out, axis=1)
-        denominator = ref_norm * out_norm
-        cosine = np.where(denominator > 0, (ref * out).sum(1) / np.maximum(denominator, 1e-300), 1.0)
+        ref_norm = np.linalg.norm(ref, axis=1)
+        cosine = row_cosine(out, ref)   # NaN where either holds a non-finite value: never a perfect score
         self.ref2 += float((ref ** 2).sum())
         self.diff2 += float((diff ** 2).sum())
         self.cos_sum += float(cosine.sum())
-        self.cos_min = min(self.cos_min, float(cosine.min()))
+        self.cos_min = float(np.min([self.cos_min, cosine.min()]))
         self.rel_sum += float((np.linalg.norm(diff, axis=1) / np.maximum(ref_norm, 1e-30)).sum())
         self.n += units
         if self.tap.kind == "attention":
             self.argmax_hits += int((ref.argmax(1) == out.argmax(1)).sum())
 
     def result(self, observed: str) -> TapStats:
-        sqnr = min(10 * math.log10(self.ref2 / self.diff2), SQNR_CAP_DB) if self.diff2 > 0 else SQNR_CAP_DB
+        if not (math.isfinite(self.ref2) and math.isfinite(self.diff2)):
+            sqnr = math.nan             # a NaN or an infinity in the artifact's (or eager) tensor
+        elif self.diff2 > 0:
+            sqnr = min(10 * math.log10(self.ref2 / self.diff2), SQNR_CAP_DB) if self.ref2 > 0 else -SQNR_CAP_DB
+        else:
+            sqnr = SQNR_CAP_DB
         return TapStats(self.tap.label, self.tap.key, self.tap.layer, self.tap.kind, self.tap.ulsam, observed,
                         self.cos_sum / self.n, self.cos_min, self.rel_sum / self.n, sqnr,
                         100.0 * self.argmax_hits / self.n if self.tap.kind == "attention" else None)
@@ -114,6 +119,9 @@ def mark_jump(rows: list[TapStats]) -> tuple[int | None, str | None]:
     stem), while the same fall later, from 30 dB, means a hundred times more error. Only layer outputs
     count (an attention map's error is its own)."""
     outputs = [row for row in rows if row.kind == "output" and row.sqnr_db is not None]
+    broken = next((row for row in outputs if math.isnan(row.sqnr_db)), None)
+    if broken is not None:       # the first layer whose output is NaN or infinite is where it went wrong
+        return broken.layer, broken.label
     added: dict[int, float] = {}
     for previous, row in zip(outputs, outputs[1:]):
         if math.isfinite(previous.sqnr_db) and math.isfinite(row.sqnr_db):
@@ -145,12 +153,12 @@ def inspect_export(directory, formats: list[str] | None, data: str | None, image
                    threads: int = 0, batch: int = 32, on_batch=None) -> tuple[Inspection, AttentionSamples]:
     """Compare every artifact of ``formats`` (default: all but TensorRT engines) layer by layer with the
     eager model on the first ``images`` images of ``data`` (default: the model's own test set)."""
-    from .data.stream import batches
-    from .manifest import REFERENCE, Manifest, locked
-    from .nets import load_model
+    from ..data.stream import batches
+    from ..store.manifest import REFERENCE, Manifest, locked
+    from ..nets import load_model
     from .probe import open_probe
-    from .runtime import open_artifact
-    from .verify import data_source
+    from ..runtime import open_artifact
+    from .run import data_source
 
     with locked(directory, "read"):
         manifest = Manifest.load(directory)
@@ -226,7 +234,7 @@ def inspect_export(directory, formats: list[str] | None, data: str | None, image
 
 def _first_images(stream, count: int):
     """The stream's first batches joined until ``count`` images (one batch for the probes to settle on)."""
-    from .data.stream import Batch
+    from ..data.stream import Batch
 
     parts = []
     for chunk in stream:
@@ -240,7 +248,7 @@ def _first_images(stream, count: int):
 
 
 def _start_samples(x: np.ndarray, eager: dict[str, np.ndarray], manifest) -> AttentionSamples:
-    from .data.preprocess import Preprocessing
+    from ..data.preprocess import Preprocessing
 
     shown = x[:PICTURE_IMAGES]
     prep = Preprocessing.from_dict(manifest.data["preprocessing"])

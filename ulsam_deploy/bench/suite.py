@@ -11,11 +11,11 @@ from typing import Callable
 
 import numpy as np
 
-from .bench import LatencyStats, interleaved, measure
-from .errors import BackendUnavailable, UlsamError
-from .export import FORMATS
-from .manifest import REFERENCE, Manifest
-from .runtime import open_artifact, torch_runner
+from .timing import LatencyStats, interleaved, measure
+from ..errors import BackendUnavailable, UlsamError
+from ..export import FORMATS
+from ..store.manifest import REFERENCE, Manifest
+from ..runtime import open_artifact, torch_runner
 
 BACKENDS = ("torch", "onnxruntime", "litert", "trt")
 _BACKEND_NAME = {"trt": "tensorrt"}
@@ -125,7 +125,7 @@ def formats_for(backends: tuple[str, ...], precisions: tuple[str, ...], skipped:
 
 def _runners(subject: Subject, key: str, threads: int):
     """(runner, artifact size in MB, backend, precision) for an artifact key, 'torch' = eager reference."""
-    from .nets import load_model
+    from ..nets import load_model
 
     directory = subject.manifest.directory
     if key == "torch":

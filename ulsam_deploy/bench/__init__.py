@@ -1,0 +1,1 @@
+"""Timing: one place that times things (warm-up, percentiles), the benchmark suite, the machine's peaks."""

@@ -1,0 +1,1 @@
+"""Training: the loop, its data pipeline, distributed launch, resume and distillation."""

@@ -1,0 +1,131 @@
+"""One training process from start to model folder: device, place in the world, data, model, teacher,
+the loop, and (rank 0 alone) the lock, progress, training state and the written model."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UlsamError
+from ..model.options import ModelOptions
+from .distributed import World, join, launched, leave
+from .state import STATE
+from .train import Hooks, TrainConfig, train
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    out: Path
+    options: ModelOptions
+    start_from: Path | None
+    data: str
+    val: Path | None
+    shift: int | None
+    hflip: bool | None
+    config: TrainConfig
+    device: str = "auto"
+    teacher: Path | None = None
+    resume: bool = False
+    command: str = ""
+    resume_command: str = ""
+
+
+def choose_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; a missing device is refused."""
+    text = name.strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UlsamError(f"--device {name!r} is not a device", "use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UlsamError(f"--device {name!r}: only cpu and cuda are supported", "use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UlsamError(f"--device {name}: no CUDA device is visible", "use --device cpu (or auto)")
+        if (device.index or 0) >= count:
+            raise UlsamError(f"--device {name}: only {count} CUDA device(s) are visible", f"use cuda:0..cuda:{count - 1}")
+    return device
+
+
+def _process_device(chosen: torch.device) -> torch.device:
+    """Under torchrun on CUDA each process takes the GPU of its local rank."""
+    if chosen.type == "cuda" and launched():
+        import os
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return chosen
+
+
+def run_training(request: RunRequest) -> dict | None:
+    """Train as ``request`` asks; rank 0 returns the summary (``--json``), other ranks None."""
+    from ..workflow import teacher_model, training_setup
+    from .state import folder_lock
+
+    device = _process_device(choose_device(request.device))
+    world = join(device)
+    try:
+        with folder_lock(request.out) if world.main else contextlib.nullcontext():
+            model, data = training_setup(request.data, request.val, request.start_from, request.options,
+                                         request.shift, request.hflip, request.config.seed)
+            teacher = teacher_model(request.teacher, model.spec) if request.teacher is not None else None
+            with _progress(world, request.config, data) as hooks:
+                result = train(model, data, request.config, request.out, world, device, teacher, request.resume,
+                               hooks, request.resume_command)
+            if not world.main:
+                return None
+            return _finish(model, data, result, request)
+    finally:
+        leave()
+
+
+def _finish(model, data, result, request: RunRequest) -> dict:
+    from ..nets.build import checkpoint_file, sha256_file
+    from ..workflow import checkpoint_metadata
+    from .card import write_model_folder
+
+    origin = None
+    if request.start_from is not None:
+        before = checkpoint_metadata(request.start_from).get("origin")
+        origin = (f"{request.start_from} (sha256 {sha256_file(checkpoint_file(request.start_from))})"
+                  + (f", itself from {before}" if before else ""))
+    teacher = (f"{request.teacher} (sha256 {sha256_file(checkpoint_file(request.teacher))})"
+               if request.teacher is not None else None)
+    final = result.final
+    write_model_folder(model, request.out, data, result, final, request.command, origin, teacher)
+    (request.out / STATE).unlink(missing_ok=True)     # finished: the model folder is the result
+    trained = sum(log.images for log in result.history)
+    waited = sum(log.data_wait_s for log in result.history)
+    return {"model": str(request.out), "spec": model.spec.to_dict(), "seconds": round(result.seconds, 1),
+            "test_top1": final.top1, "test_top5": final.top5, "test_count": final.count,
+            "evaluated_on": data.evaluation_note, "world_size": result.world_size, "device": result.device,
+            "amp": request.config.amp, "steps": result.steps, "images_per_s": trained / max(result.seconds, 1e-9),
+            "data_wait_s": round(waited, 2), "resumed_from_epoch": result.resumed_from_epoch,
+            "recipe": asdict(data.recipe), "history": [asdict(log) for log in result.history]}
+
+
+@contextlib.contextmanager
+def _progress(world: World, config: TrainConfig, data):
+    """Rich progress and one line per epoch, on rank 0 only."""
+    if not world.main:
+        yield Hooks()
+        return
+    from ..render import report
+
+    with report.progress() as bar:
+        task = bar.add_task("train", total=None)
+
+        def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
+            bar.update(task, completed=step, total=steps, description=f"epoch {epoch}/{config.epochs} loss {loss:.3f}")
+
+        def on_epoch(log) -> None:
+            report.log(f"epoch {log.epoch}/{config.epochs}: loss {log.loss:.4f}, train top-1 {log.train_top1:.2f} %, "
+                       f"test top-1 {log.test_top1:.2f} %, {log.images_per_s:.1f} images/s "
+                       f"(data wait {log.data_wait_s:.1f} of {log.seconds:.1f} s)")
+
+        yield Hooks(on_step, on_epoch)

@@ -1,0 +1,259 @@
+"""The training loop: DataLoader workers, DistributedDataParallel, AMP, resume and distillation.
+
+The paper's optimiser: SGD with momentum 0.9 and weight decay 4e-5; cosine (default) or step decay.
+``--batch-size`` is per process (as in torchvision's and timm's reference scripts): the global batch is
+batch x world size. Every epoch starts from seeds derived from (seed, epoch), the sampler is
+``DistributedSampler`` with ``set_epoch`` and one seed on every rank, and each sample's augmentation is
+seeded by (seed, epoch, rank, index); so an interrupted run resumed from its last epoch ends with the
+weights of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..data.stream import Source, batches
+from ..errors import UlsamError
+from ..nets import ULSAM, MobileNet
+from .data import TrainData
+from .distributed import World, all_sum, average_batchnorm
+from .state import load_state, save_state
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64              # per process
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    schedule: str = "cosine"          # "cosine" or "step" (x0.1 at 1/2 and 3/4 of the epochs)
+    seed: int = 0
+    label_smoothing: float = 0.0
+    freeze_backbone_epochs: int = 0   # first epochs that train only the ULSAMs and the classifier
+    max_steps: int | None = None      # stop after this many optimiser steps (smoke tests, benchmarks)
+    workers: int = 2
+    amp: str = "off"                  # "bf16", "fp16" (with a gradient scaler) or "off"
+    sync_bn: bool = False
+    kd_weight: float = 0.5            # with a teacher: loss = (1 - w) CE + w T^2 KL
+    kd_temperature: float = 4.0
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    top1: float       # percent
+    top5: float       # percent
+    count: int
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    loss: float
+    train_top1: float
+    test_top1: float | None = None
+    images: int = 0                   # trained on, all processes
+    seconds: float = 0.0
+    data_wait_s: float = 0.0          # rank 0's time waiting for the loader
+    images_per_s: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    config: TrainConfig
+    seconds: float
+    history: list[EpochLog] = field(default_factory=list)
+    world_size: int = 1
+    device: str = "cpu"
+    steps: int = 0
+    resumed_from_epoch: int = 0
+    final: Accuracy | None = None     # after the last epoch (BatchNorm statistics averaged over processes)
+
+
+class Interrupted(UlsamError):
+    """Ctrl-C or SIGTERM during training: the last finished epoch is saved; ``--resume`` continues."""
+
+    exit_code = 130
+
+
+@dataclass
+class Hooks:
+    on_step: Callable[[int, int, int, float], None] | None = None     # epoch, step, steps, loss
+    on_epoch: Callable[[EpochLog], None] | None = None
+
+
+def train(model: MobileNet, data: TrainData, config: TrainConfig, out: Path, world: World, device: torch.device,
+          teacher: nn.Module | None = None, resume: bool = False, hooks: Hooks | None = None,
+          resume_hint: str = "") -> TrainResult:
+    """Train ``model`` in place; after every epoch rank 0 writes the training state into ``out``."""
+    hooks = hooks or Hooks()
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    net: nn.Module = model
+    if config.sync_bn and world.distributed:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if world.distributed:
+        net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=config.freeze_backbone_epochs > 0)
+    if teacher is not None:
+        teacher.to(device).eval().requires_grad_(False)
+    sampler = DistributedSampler(data.train, num_replicas=world.size, rank=world.rank, shuffle=True, seed=config.seed)
+    data.train.rank = world.rank
+    loader = DataLoader(data.train, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
+                        pin_memory=device.type == "cuda", drop_last=len(sampler) % config.batch_size == 1,
+                        persistent_workers=False)
+    optimiser = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    total = len(loader) * config.epochs
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=total) if config.schedule == "cosine"
+                 else torch.optim.lr_scheduler.MultiStepLR(optimiser, [total // 2, total * 3 // 4], gamma=0.1))
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    result = TrainResult(config, 0.0, world_size=world.size, device=str(device))
+    keyed = _state_config(config, model, data)
+    if resume:
+        state = load_state(out, keyed)
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        result.history = [EpochLog(**log) for log in state["history"]]
+        result.seconds, result.steps = float(state["seconds"]), int(state["steps"])
+        result.resumed_from_epoch = state["epoch"]
+    step = result.steps
+    for epoch in range(result.resumed_from_epoch + 1, config.epochs + 1):
+        if config.max_steps is not None and step >= config.max_steps:
+            break
+        torch.manual_seed(config.seed * 100_003 + epoch)          # dropout, and the loader's worker seeds
+        sampler.set_epoch(epoch)
+        data.train.set_epoch(epoch)
+        try:
+            log, step = _epoch(net, model, teacher, loader, optimiser, scheduler, scaler, config, device, world,
+                               epoch, step, hooks)
+        except KeyboardInterrupt:
+            done = result.resumed_from_epoch if not result.history else result.history[-1].epoch
+            raise Interrupted(f"training interrupted in epoch {epoch}; epoch {done} of {config.epochs} is saved in "
+                              f"{out}" if done else f"training interrupted in epoch {epoch}, before any epoch finished",
+                              resume_hint if done else "start it again") from None
+        average_batchnorm(model, world)
+        result.final = evaluate(model, data.evaluation, world, device, config.batch_size * 2)
+        log.test_top1 = result.final.top1
+        result.history.append(log)
+        result.seconds += log.seconds
+        result.steps = step
+        if world.main:
+            save_state(out, {"model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                             "config": keyed, "history": [asdict(h) for h in result.history],
+                             "seconds": result.seconds, "steps": step})
+        if hooks.on_epoch:
+            hooks.on_epoch(log)
+    return result
+
+
+def _state_config(config: TrainConfig, model: MobileNet, data: TrainData) -> dict:
+    """What a resumed run must share with the one it continues (``max_steps`` and ``workers`` may change)."""
+    keyed = {k: v for k, v in asdict(config).items() if k not in ("max_steps", "workers")}
+    return keyed | {"spec": model.spec.to_json(), "data": data.name, "recipe": asdict(data.recipe)}
+
+
+def _epoch(net, model, teacher, loader, optimiser, scheduler, scaler, config: TrainConfig, device, world: World,
+           epoch: int, step: int, hooks: Hooks) -> tuple[EpochLog, int]:
+    net.train()
+    _freeze_backbone(model, epoch <= config.freeze_backbone_epochs)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
+    seen = correct = 0
+    loss_sum = wait = 0.0
+    start = tick = time.perf_counter()
+    for index, (x, y) in enumerate(loader):
+        wait += time.perf_counter() - tick
+        if config.max_steps is not None and step >= config.max_steps:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = net(x)
+            loss = distillation_loss(logits, y, teacher(x) if teacher is not None else None, config)
+        optimiser.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimiser)
+        scaler.update()
+        scheduler.step()
+        step += 1
+        seen += len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        loss_sum += float(loss.detach()) * len(y)
+        if hooks.on_step:
+            hooks.on_step(epoch, index + 1, len(loader), loss_sum / seen)
+        tick = time.perf_counter()
+    seconds = time.perf_counter() - start
+    seen_all, correct_all, loss_all = all_sum([seen, correct, loss_sum], world, device)
+    log = EpochLog(epoch, loss_all / max(seen_all, 1), 100.0 * correct_all / max(seen_all, 1), images=int(seen_all),
+                   seconds=seconds, data_wait_s=wait, images_per_s=seen_all / max(seconds, 1e-9))
+    return log, step
+
+
+def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
+                      config: TrainConfig) -> torch.Tensor:
+    """Cross-entropy (with label smoothing); with a teacher, (1 - w) CE + w T^2 KL(teacher_T || student_T)."""
+    ce = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+    if teacher_logits is None:
+        return ce
+    t = config.kd_temperature
+    kl = F.kl_div(F.log_softmax(logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
+                  reduction="batchmean", log_target=True)
+    return (1.0 - config.kd_weight) * ce + config.kd_weight * t * t * kl
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, source: Source, world: World, device: torch.device, batch: int = 128) -> Accuracy:
+    """Top-1/top-5 of ``model`` (eval mode) on ``source``, each process taking every world-size-th image."""
+    model.eval()
+    shard = list(range(world.rank, source.count, world.size))
+    part = Source(source.name, len(shard), lambda j: source.load(shard[j]), source.preprocessing, True,
+                  source.fingerprint, source.num_classes)
+    top1 = top5 = count = 0
+    for chunk in batches(part, batch):
+        x = torch.from_numpy(chunk.images).to(device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = model(x).float().cpu().numpy()
+        top = np.argsort(-logits, axis=1)[:, :5]
+        top1 += int((top[:, 0] == chunk.labels).sum())
+        top5 += int((top == chunk.labels[:, None]).any(axis=1).sum())
+        count += len(chunk.labels)
+    top1, top5, count = all_sum([top1, top5, count], world, device)
+    if count == 0:
+        raise UlsamError(f"no usable evaluation images in {source.name}")
+    return Accuracy(100.0 * top1 / count, 100.0 * top5 / count, int(count))
+
+
+def _freeze_backbone(model: MobileNet, frozen: bool) -> None:
+    """Hold every layer but the ULSAMs (and the classifier): new modules first learn to fit a pretrained
+    backbone before it moves; its BatchNorm statistics stay those it was trained with meanwhile."""
+    for module in model.features:
+        if isinstance(module, ULSAM):
+            continue
+        module.requires_grad_(not frozen)
+        if frozen:
+            module.eval()
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> Accuracy:
+    k = min(5, logits.shape[1])
+    top = np.argsort(-logits, axis=1)[:, :k]
+    top1 = float((top[:, 0] == labels).mean() * 100)
+    top5 = float((top == labels[:, None]).any(axis=1).mean() * 100)
+    return Accuracy(top1, top5, int(len(labels)))

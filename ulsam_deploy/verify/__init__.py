@@ -1,0 +1,1 @@
+"""Verification: the parity accumulator and run, inspect and its per-layer probes."""
