@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= dev,tflite
+EXTRAS ?= dev,tflite,executorch
 STAMP  := $(VENV)/.installed-$(EXTRAS)
 
 .PHONY: install demo test test-fast clean gpu-check

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -82,15 +81,18 @@ EPOCHS = {"mv2": 3, "mv1": 6}   # digits at 64 px: 96-98 % top-1, INT8 top-1 agr
 @functools.lru_cache(maxsize=None)
 def trained_file(spec, folder: str) -> Path:
     """A briefly trained model of ``spec`` on the digits train split (written once into ``folder``)."""
-    from ulsam_deploy.data import DataSet, digits
+    from ulsam_deploy.data import digits
+    from ulsam_deploy.training.data import reference_data
+    from ulsam_deploy.training.distributed import World
     from ulsam_deploy.training.train import TrainConfig, train
 
-    path = Path(folder) / f"{spec.name}-{EPOCHS[spec.arch]}ep-torch{torch.__version__}.safetensors"
+    path = Path(folder) / f"{spec.name}-{EPOCHS[spec.arch]}ep-loader-torch{torch.__version__}.safetensors"
     if not path.is_file():
-        images, labels = digits.load("train", spec.input_size)
+        size = spec.input_size
+        data = reference_data(digits, "digits", size, digits.preprocessing(size), 4, False, seed=0)
         model = build_model(spec, seed=0)
-        train(model, DataSet("digits:train", images, np.asarray(labels), digits.preprocessing(spec.input_size)),
-              TrainConfig(epochs=EPOCHS[spec.arch], max_shift=4))
+        train(model, data, TrainConfig(epochs=EPOCHS[spec.arch], workers=0), Path(folder) / f"{path.stem}-state",
+              World(), torch.device("cpu"))
         save_checkpoint(model.eval(), path, extra={"dataset": "digits"})
     return path
 

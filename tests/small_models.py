@@ -10,8 +10,14 @@ from ulsam_deploy.model.spec import ModelSpec
 SPEC = ModelSpec.parse("mv2", "13,14,16,17", groups=4, width=0.5, num_classes=10, input_size=64)
 
 
-def model_file(tmp_path, spec=SPEC, seed=0, name="m.safetensors"):
+def model_file(tmp_path, spec=SPEC, seed=0, name="m.safetensors", extra=None):
     """Random weights with BN statistics set on real images, so that logits are O(1) as in a trained net."""
+    return save_checkpoint(realistic_model(spec, seed), tmp_path / name, extra=extra)
+
+
+def realistic_model(spec=SPEC, seed=0):
+    """The network of :func:`model_file`, in memory (fresh BatchNorm statistics keep activations out of the
+    denormal range, where a CPU is a hundred times slower)."""
     from ulsam_deploy.data import digits
 
     model = build_model(spec, seed=seed)
@@ -21,6 +27,6 @@ def model_file(tmp_path, spec=SPEC, seed=0, name="m.safetensors"):
         model.train()
         for start in range(0, 256, 128):
             model(torch.from_numpy(np.array(images[start:start + 128])))
-    return save_checkpoint(model.eval(), tmp_path / name)
+    return model.eval()
 
 

@@ -11,9 +11,9 @@ import importlib.util
 from .errors import BackendUnavailable
 
 # backend -> (pip extra, modules that backend imports)
-EXTRAS: dict[str, str] = {"litert": "tflite", "tensorrt": "tensorrt"}
+EXTRAS: dict[str, str] = {"litert": "tflite", "tensorrt": "tensorrt", "executorch": "executorch"}
 MODULES: dict[str, tuple[str, ...]] = {"litert": ("onnx2tf", "tensorflow", "ai_edge_litert"),
-                                       "tensorrt": ("tensorrt",)}
+                                       "tensorrt": ("tensorrt",), "executorch": ("executorch", "torchao")}
 
 
 def install_hint(backend: str) -> str:

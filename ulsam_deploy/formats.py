@@ -6,6 +6,7 @@ names and files and nothing else of each other.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from .errors import UlsamError
@@ -31,6 +32,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("tflite-int8-plain", "model_int8_plain.tflite", "int8", "litert", ("onnx",), calibrated=True),
     Format("trt-fp16", "model_fp16.engine", "fp16", "tensorrt", ("onnx",)),
     Format("trt-int8", "model_int8.engine", "int8", "tensorrt", ("onnx-int8-trt",), calibrated=True),
+    Format("executorch-fp32", "model_fp32.pte", "fp32", "executorch"),
+    Format("executorch-int8", "model_int8.pte", "int8", "executorch", calibrated=True),
 )}
 CPU_FORMATS = ("onnx", "onnx-int8", "tflite-fp32", "tflite-fp16", "tflite-int8")
 # Built only on request: the plain full-integer TFLite (attention in INT8 too), for comparison, and the
@@ -41,7 +44,14 @@ DEFAULT_FORMATS = ("onnx", "onnx-int8")
 
 # The INT8 formats whose recipe honours `export --keep-float` (the plain TFLite model is the converter's
 # untouched full-integer baseline, kept for comparison).
-KEEP_FLOAT_FORMATS = ("onnx-int8", "onnx-int8-trt", "tflite-int8", "trt-int8")
+KEEP_FLOAT_FORMATS = ("onnx-int8", "onnx-int8-trt", "tflite-int8", "trt-int8", "executorch-int8")
+EXECUTORCH_FORMATS = ("executorch-fp32", "executorch-int8")
+
+
+def cpu_formats() -> tuple[str, ...]:
+    """What ``--formats cpu`` means: CPU_FORMATS, and the ExecuTorch formats when the executorch extra is
+    installed (asked of the import system, without importing it)."""
+    return CPU_FORMATS + (EXECUTORCH_FORMATS if importlib.util.find_spec("executorch") is not None else ())
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -51,8 +61,8 @@ def parse_formats(text: str) -> tuple[str, ...]:
         token = raw.strip().lower()
         if not token:
             raise UlsamError(f"empty format in {text!r}", f"choose from {', '.join(FORMATS)}")
-        expanded = {"all": tuple(FORMATS), "cpu": CPU_FORMATS, "tflite": CPU_FORMATS[2:],
-                    "trt": ("trt-fp16", "trt-int8")}.get(token, (token,))
+        expanded = {"all": tuple(FORMATS), "cpu": cpu_formats(), "tflite": CPU_FORMATS[2:],
+                    "trt": ("trt-fp16", "trt-int8"), "executorch": EXECUTORCH_FORMATS}.get(token, (token,))
         for name in expanded:
             if name not in FORMATS:
                 raise UlsamError(f"format {name!r} is unknown", f"choose from {', '.join(FORMATS)}, cpu or all")

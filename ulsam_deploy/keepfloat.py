@@ -83,12 +83,13 @@ def search(export: Callable[[tuple[int, ...]], object], int8_formats: list[str],
            on_step: Callable[[FloatStep], None] | None = None) -> FloatSearch:
     """Run the search; ``export(keep_float)`` (re)exports and returns the directory's Manifest.
 
-    Each step measures where the first INT8 artifact loses precision now (``inspect``), keeps the worst
+    Each step measures where the first INT8 artifact inspect can read loses precision now (``inspect``), keeps the worst
     layer that is still quantised and fits the budget in float, rebuilds and re-checks. Measuring again
     after every step matters: a tensor that two layers read stays quantised until both are float, and
     only then does the next layer's damage show."""
     if not int8_formats:
         raise UlsamError("--keep-float auto needs an INT8 format", "add onnx-int8, onnx-int8-trt or tflite-int8")
+    probed = _probed(int8_formats)
     if not 0 < budget <= 100:
         raise UlsamError(f"--float-budget {budget:g} must be a percentage in (0, 100]")
     chosen: list[int] = []
@@ -103,7 +104,7 @@ def search(export: Callable[[tuple[int, ...]], object], int8_formats: list[str],
             if on_step:
                 on_step(step)
             break
-        ranking = [(layer, drop) for layer, drop in sensitivity(manifest.directory, int8_formats[0], data, threads)
+        ranking = [(layer, drop) for layer, drop in sensitivity(manifest.directory, probed, data, threads)
                    if layer not in chosen and drop > 0]
         step.sensitivity = ranking[:5]
         if on_step:
@@ -118,6 +119,18 @@ def search(export: Callable[[tuple[int, ...]], object], int8_formats: list[str],
         step = _evaluate(manifest, fitting[0], tuple(sorted(chosen)), int8_formats, data, threads, spec)
     result.chosen, result.mac_share = sorted(chosen), mac_share(chosen, spec)
     return result
+
+
+def _probed(int8_formats: list[str]) -> str:
+    """The first INT8 format whose layers ``inspect`` can read (the sensitivity comes from there)."""
+    from .formats import FORMATS
+    from .verify.inspect import NOT_PROBED
+
+    probed = [name for name in int8_formats if FORMATS[name].backend not in NOT_PROBED]
+    if not probed:
+        raise UlsamError(f"--keep-float auto measures each layer's loss with inspect, which cannot read the layers of "
+                         f"{', '.join(int8_formats)}", "add onnx-int8 or tflite-int8 to --formats")
+    return probed[0]
 
 
 def _evaluate(manifest, layer, keep_float, int8_formats, data, threads, spec) -> FloatStep:

@@ -143,3 +143,19 @@ def test_folder_recipe_is_random_resized_crop_and_seeded(tmp_path):
     data.train.set_epoch(2)
     x3, _ = data.train[3]
     assert x1.shape == (3, 48, 48) and torch.equal(x1, x2) and not torch.equal(x1, x3)
+
+
+def test_folder_training_card_states_the_held_out_images_and_recipe(cli, tmp_path):
+    _image_folder(tmp_path / "imgs", 40)
+    out = tmp_path / "m"
+    code, stdout, err = cli("train", "--arch", "mv2", "--width", "0.35", "--num-classes", "2", "--input-size", "32",
+                            "--data", tmp_path / "imgs", "--epochs", "1", "--batch-size", "8", "--max-steps", "2",
+                            "--workers", "0", "--label-smoothing", "0.1", "--out", out, "--json")
+    assert code == 0, err
+    import json
+
+    summary = json.loads(stdout)
+    assert summary["test_count"] == 4 and summary["recipe"]["kind"] == "random-resized-crop"
+    card = (out / "README.md").read_text()
+    assert "4 images held out of the training folder (10% of each class" in card
+    assert "random resized crop" in card and "label smoothing 0.1" in card

@@ -13,11 +13,12 @@ import numpy as np
 
 from .timing import LatencyStats, interleaved, measure
 from ..errors import BackendUnavailable, UlsamError
+from ..extras import install_hint
 from ..export import FORMATS
 from ..store.manifest import REFERENCE, Manifest
 from ..runtime import open_artifact, torch_runner
 
-BACKENDS = ("torch", "onnxruntime", "litert", "trt")
+BACKENDS = ("torch", "onnxruntime", "litert", "executorch", "trt")
 _BACKEND_NAME = {"trt": "tensorrt"}
 
 
@@ -118,6 +119,11 @@ def formats_for(backends: tuple[str, ...], precisions: tuple[str, ...], skipped:
             if len(backends) == 1:
                 raise BackendUnavailable("bench --backend litert needs the TFLite stack", "pip install 'ulsam-deploy[tflite]'")
             skipped.append(f"{name}: the TFLite stack is not installed")
+            continue
+        if backend == "executorch" and importlib.util.find_spec("executorch") is None:
+            if len(backends) == 1:
+                raise BackendUnavailable("bench --backend executorch needs ExecuTorch", install_hint("executorch"))
+            skipped.append(f"{name}: ExecuTorch is not installed")
             continue
         names.append(name)
     return names

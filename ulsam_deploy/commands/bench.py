@@ -64,7 +64,7 @@ def bench(options: o.ModelOptions, model: o.ModelPath = None,
               "--export", "-e", help="Export directory to time (its artifacts; with --model, missing formats are "
                                      "exported into it). Default: runs/<model name>.")] = None,
           vs: Vs = None,
-          backend: Annotated[str, typer.Option(help="torch, onnxruntime, litert, trt (comma list) or all.")] = "all",
+          backend: Annotated[str, typer.Option(help="torch, onnxruntime, litert, executorch, trt (comma list) or all.")] = "all",
           precision: Annotated[str, typer.Option(help="fp32, fp16, int8 (comma list) or all.")] = "all",
           threads: Annotated[int, typer.Option(min=1, max=256, help="Threads per runtime.")] = os.cpu_count() or 1,
           batch: Annotated[str, typer.Option(help="Batch sizes, comma list.")] = "1",

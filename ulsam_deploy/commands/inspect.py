@@ -47,6 +47,8 @@ def inspect(export_dir: ExportDir = None, options: o.ModelOptions = None, model:
     for artifact in result.artifacts:
         report.console.print(report_inspect.layer_table(result, artifact))
     report.console.print(report_inspect.summary_table(result))
+    for note in result.notes:
+        report.log(note)
 
 
 def _named(text: str, chosen: tuple[str, ...]) -> list[str]:

@@ -36,8 +36,9 @@ def build(out: Annotated[Path, typer.Option("--out", "-o", help="Where to write 
           from_checkpoint: Annotated[Optional[Path], typer.Option(
               "--from", help="Start from this checkpoint (.safetensors, .pth/.pt): ours, official ULSAM, torchvision "
                              "mobilenet_v2, timm mobilenetv2_*/mobilenetv1_*. Every backbone tensor that has a place "
-                             "in the spec is kept; new ULSAMs (and a classifier for another class count) are "
-                             "initialised. Arch and width are read from it.")] = None,
+                             "in the spec is kept (one missing is refused); new ULSAMs (and a classifier for another "
+                             "class count, or for --num-classes when it has none) are initialised. Arch and width "
+                             "are read from it.")] = None,
           seed: Annotated[int, typer.Option(help="Seed for random initialisation.")] = 0,
           allow_large: o.AllowLarge = False,
           json_out: o.Json = False) -> None:

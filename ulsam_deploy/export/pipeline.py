@@ -26,7 +26,8 @@ from ..nets.build import sha256_file
 from . import FORMATS, KEEP_FLOAT_FORMATS, RECIPE, check_keep_float
 
 PRODUCERS = {"onnx": "ulsam_deploy.export.onnx", "onnx-int8": "ulsam_deploy.export.quantize",
-             "litert": "ulsam_deploy.export.tflite", "tensorrt": "ulsam_deploy.export.tensorrt"}
+             "litert": "ulsam_deploy.export.tflite", "tensorrt": "ulsam_deploy.export.tensorrt",
+             "executorch": "ulsam_deploy.export.executorch"}
 
 
 @dataclass
@@ -123,6 +124,8 @@ def validate(request: ExportRequest) -> DataSet | None:
         require_tensorrt("TensorRT export")
     if any(FORMATS[n].backend == "litert" for n in request.formats):
         require("litert", "TFLite export")
+    if any(FORMATS[n].backend == "executorch" for n in request.formats):
+        require("executorch", "ExecuTorch export")
     if not any(FORMATS[name].calibrated for name in request.formats):
         return None
     return calibration_set(request.calib_source, request.model.spec.input_size, request.calib_samples,
@@ -230,5 +233,7 @@ def _produce(name: str, request: ExportRequest, manifest: Manifest, calib: DataS
     except ModuleNotFoundError as exc:
         raise BackendUnavailable(f"format {name} needs {exc.name}, which is not installed",
                                  install_hint(fmt.backend)) from None
-    extra = {"keep_float": request.keep_float} if fmt.backend == "litert" else {}
+    extra = {"keep_float": request.keep_float} if fmt.backend in ("litert", "executorch") else {}
+    if fmt.backend == "executorch" and fmt.calibrated:
+        extra["calib_method"] = request.calib_method
     return producer.produce(name, manifest, target, calib, **extra)

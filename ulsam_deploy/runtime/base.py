@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -28,7 +30,21 @@ RUNNERS = {
     "onnxruntime": "ulsam_deploy.runtime.onnxruntime:OnnxRuntimeRunner",
     "litert": "ulsam_deploy.runtime.litert:LiteRTRunner",
     "tensorrt": "ulsam_deploy.runtime.tensorrt:TensorRTRunner",
+    "executorch": "ulsam_deploy.runtime.executorch:ExecuTorchRunner",
 }
+
+
+@contextlib.contextmanager
+def quiet_fd2():
+    """Native runtimes (LiteRT, ExecuTorch) print INFO lines to fd 2 as they load; keep CLI output to our own lines."""
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def runner_class(backend: str):

@@ -14,7 +14,7 @@ import numpy as np
 
 def describe_io(path: Path, backend: str) -> dict:
     """{"inputs": [...], "outputs": [...]} for an artifact of ``backend``."""
-    reader = {"onnxruntime": _onnx, "litert": _tflite, "tensorrt": _engine}[backend]
+    reader = {"onnxruntime": _onnx, "litert": _tflite, "tensorrt": _engine, "executorch": _pte}[backend]
     return reader(Path(path))
 
 
@@ -59,3 +59,9 @@ def _engine(path: Path) -> dict:
     from .tensorrt import engine_io
 
     return engine_io(path)
+
+
+def _pte(path: Path) -> dict:
+    from .executorch import program_io
+
+    return program_io(path)

@@ -6,33 +6,19 @@ whatever batch arrives.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 from ..errors import InputFileError
-
-
-@contextlib.contextmanager
-def _quiet_fd2():
-    """LiteRT's C++ core prints an INFO line per interpreter to fd 2; keep CLI output to our own lines."""
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+from .base import quiet_fd2
 
 
 def open_interpreter(path: Path, threads: int = 0, **options) -> Interpreter:
     """A LiteRT interpreter with tensors allocated; a file LiteRT refuses is one InputFileError."""
     try:
-        with _quiet_fd2():
+        with quiet_fd2():
             interpreter = Interpreter(model_path=str(path), num_threads=threads or None, **options)
             interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as exc:

@@ -56,7 +56,7 @@ class ArtifactEntry(BaseModel):
     sha256: str
     size_bytes: int = Field(ge=0, le=1 << 50)
     precision: Literal["fp32", "fp16", "int8"]
-    backend: Literal["onnxruntime", "litert", "tensorrt"]
+    backend: Literal["onnxruntime", "litert", "tensorrt", "executorch"]
     seconds: float = Field(ge=0, le=1e9, allow_inf_nan=False)
     recipe: Optional[str] = None
     keep_float: list[int] = Field(default_factory=list, max_length=64)   # paper layers left in float
@@ -149,7 +149,7 @@ def tool_versions() -> dict[str, str]:
 
     out = {}
     for name in ("ulsam-deploy", "torch", "onnx", "onnxruntime", "onnxscript", "onnxsim", "onnx2tf", "tensorflow",
-                 "ai-edge-litert", "tensorrt", "polygraphy", "numpy"):
+                 "ai-edge-litert", "tensorrt", "polygraphy", "executorch", "torchao", "numpy"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

@@ -23,6 +23,10 @@ DEFAULT_IMAGES = 256
 SETTLE_IMAGES = 128    # images on which a probe must reproduce the Runner's logits before it is used
 SQNR_CAP_DB = 200.0    # identical tensors (JSON has no infinity)
 PICTURE_IMAGES = 2     # images whose attention maps are kept for the picture
+# Backends whose runtime cannot expose a paper layer's output: their artifacts are skipped with this note.
+NOT_PROBED = {"executorch": "skipped: the ExecuTorch runtime exposes no paper-layer outputs (ETDump's debug buffer "
+                            "holds only the outputs of delegate calls and of ops outside the delegate; inside the "
+                            "XNNPACK delegate, where every layer runs, it records timings only)"}
 
 
 @dataclass
@@ -62,6 +66,7 @@ class Inspection:
     data: str
     count: int
     artifacts: list[ArtifactInspection] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)     # artifacts skipped, and why
 
 
 @dataclass
@@ -164,6 +169,12 @@ def inspect_export(directory, formats: list[str] | None, data: str | None, image
         manifest = Manifest.load(directory)
         reference = load_model(manifest.directory / REFERENCE)
         names = formats or [n for n, e in manifest.artifacts.items() if e["backend"] != "tensorrt"]
+        unprobed = {n: NOT_PROBED[e["backend"]] for n in names
+                    if (e := manifest.artifacts.get(n)) is not None and e["backend"] in NOT_PROBED}
+        names = [n for n in names if n not in unprobed]
+        if not names:
+            raise UlsamError(f"inspect has nothing to probe: {'; '.join(f'{n}: {why}' for n, why in unprobed.items())}",
+                             "inspect onnx-int8 or tflite-int8 of the same model")
         taps, onnx_cache = taps_of(reference), {}
         located = {}
         for name in names:
@@ -217,7 +228,8 @@ def inspect_export(directory, formats: list[str] | None, data: str | None, image
         finally:
             for runner in list(probes.values()) + list(plain.values()):
                 runner.close()
-    result = Inspection(str(manifest.directory), manifest.data.get("model", ""), source.name, seen)
+    result = Inspection(str(manifest.directory), manifest.data.get("model", ""), source.name, seen,
+                        notes=[f"{n}: {why}" for n, why in unprobed.items()])
     for name in names:
         entry = manifest.artifacts[name]
         observed = probes[name].observed | {"logits": "output"}
