@@ -137,9 +137,13 @@ def test_keep_float_and_attention_path_stay_float():
     writer = next(n for n in convs if in_layer(n, 5)).args[0]        # what layer 5 reads: computed in float
     assert writer.name in recipe["float_nodes"] and not [u for u in writer.users if "quantize" in str(u.target)]
     assert "adaptive_avg_pool2d" not in recipe["float_nodes"]                          # only what the recipe names
-    floats = {n.name for n in converted.graph.nodes if n.op == "call_function"
-              and str(n.target).split(".")[-2] in ("mul", "add", "linear") and not inputs[n.name]}
-    assert {"mul", "add_6", "linear"} <= floats and recipe["keep_float"] == [5]
+    node = {n.name: n for n in converted.graph.nodes}
+    for name in ("mul", "add_6"):                 # x*A and x*A + x of the first ULSAM read and write float
+        assert not inputs[name] and not [u for u in node[name].users if "quantize" in str(u.target)], name
+    linear = node["linear"]                       # the classifier: float weights, float logits
+    assert "dequantize" not in str(linear.args[1].target)
+    assert not [u for u in linear.users if "quantize" in str(u.target)]
+    assert recipe["keep_float"] == [5]
 
 
 def test_missing_extra_names_it(cli, tmp_path, monkeypatch):
@@ -147,8 +151,9 @@ def test_missing_extra_names_it(cli, tmp_path, monkeypatch):
     from ulsam_deploy.runtime import runner_class
 
     real = importlib.util.find_spec
+    hidden = ("executorch", "torchao")
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a, **k: None if name.split(".")[0] in ("executorch", "torchao") else real(name, *a, **k))
+                        lambda name, *a, **k: None if name.split(".")[0] in hidden else real(name, *a, **k))
     assert not [f for f in parse_formats("cpu") if f.startswith("executorch")]
     code, _, err = cli("export", "--arch", "mv2", "--width", "0.5", "--input-size", "64", "--num-classes", "10",
                        "--formats", "executorch-fp32", "--out", tmp_path / "exp")

@@ -53,3 +53,12 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:   # a lone surrogate that is no escaped byte
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def validation_line(exc) -> str:
+    """A pydantic ``ValidationError`` as one line: where the first error is, what it is, how many more."""
+    first = exc.errors()[0]
+    where = ".".join(printable(str(part)) for part in first["loc"]) or "top level"
+    text = f"unknown key {where!r}" if first["type"] == "extra_forbidden" else f"{where}: {first['msg']}"
+    more = exc.error_count() - 1
+    return printable(text)[:300] + (f" (and {more} more)" if more else "")

@@ -53,9 +53,12 @@ def _subject_manifest(model, options, formats, export_dir):
         export_dir, model = Path(model), None
     if export_dir is not None and model is None and options == o.ModelOptions():
         return Manifest.load(export_dir)
+    from ..export import parse_formats
     from ..export.options import ExportOptions
 
-    return export_for(model, options, ExportOptions(tuple(formats) or ("onnx",), export_dir))[1]
+    # with their dependencies (the TFLite formats are converted from the ONNX, which --backend litert does not name)
+    chosen = parse_formats(",".join(formats)) if formats else ("onnx",)
+    return export_for(model, options, ExportOptions(chosen, export_dir))[1]
 
 
 @o.model_options

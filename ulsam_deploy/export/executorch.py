@@ -10,6 +10,8 @@ and the node filter leaves the multiply ``x*A`` and the residual add ``x*A + x``
 The classifier (``nn.Linear``) stays float, so the logits are never clipped at the calibrated range, and so
 do the ``keep_float`` paper layers with the op that writes each one's input (walked back through activations
 and views to the op that computes it): otherwise the float layer would read a tensor rounded to INT8.
+A convolution feeding a ReLU6 is calibrated on the clamped values (:func:`observe_after_clamps`), as TFLite
+quantises after a fused activation.
 
 Whatever the delegate does not take runs in ExecuTorch's portable kernels; the manifest entry records those
 ops (``outside_delegate``, from ``executorch.devtools.backend_debug.get_delegation_info``).
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import replace
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Sequence
 
@@ -38,29 +39,20 @@ _PASS_THROUGH = ("relu", "hardtanh", "clamp", "view", "reshape", "flatten", "unf
                  "dropout", "clone", "max_pool2d")
 
 
-def versions() -> dict[str, str]:
-    out = {}
-    for name in ("executorch", "torchao"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return out
-
-
 def produce(name: str, manifest, target: Path, calib, keep_float: Sequence[int] = (),
             calib_method: str = "minmax") -> dict:
     """Write the ExecuTorch artifact ``name`` of ``manifest``'s reference weights to ``target``."""
     import torch
 
     from ..nets import load_model
-    from ..store.manifest import REFERENCE
+    from ..store.manifest import REFERENCE, tool_versions
 
     model = load_model(manifest.directory / REFERENCE).eval()
     size = manifest.spec.input_size
     example = (torch.zeros(1, 3, size, size),)
+    used = {k: v for k, v in tool_versions().items() if k in ("executorch", "torchao")}
     details: dict = {"converter": "torch.export -> executorch.exir.to_edge_transform_and_lower (XnnpackPartitioner)",
-                     "batch": 1, "versions": versions()}
+                     "batch": 1, "versions": used}
     with _quiet_all():
         if FORMATS[name].precision == "int8":
             graph, recipe = quantize(model, calib.images, calib_method, keep_float)
@@ -85,7 +77,7 @@ def quantize(model, images: np.ndarray, method: str, keep_float: Sequence[int] =
     if method not in OBSERVERS:
         raise UlsamError(f"calibration method {method!r} is unknown", f"choose one of {', '.join(OBSERVERS)}")
     batch = torch.export.Dim("batch", min=1, max=max(CALIBRATION_BATCH, 2))
-    sample = torch.from_numpy(np.array(images[:2], np.float32))
+    sample = torch.from_numpy(np.array(images[:2] if len(images) > 1 else np.repeat(images, 2, 0), np.float32))
     graph = torch.export.export(model, (sample,), dynamic_shapes=({0: batch},)).module()
     float_nodes = float_node_names(graph, model, keep_float)
     observer = getattr(observers, OBSERVERS[method])
@@ -131,8 +123,8 @@ def observe_after_clamps(gm, observer):
             continue
         low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
         high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
-        annotation.output_qspec = replace(annotation.output_qspec,
-                                          observer_or_fake_quant_ctr=_clamped(observer, low, high).with_args(eps=2 ** -12))
+        clamped = _clamped(observer, low, high).with_args(eps=2 ** -12)
+        annotation.output_qspec = replace(annotation.output_qspec, observer_or_fake_quant_ctr=clamped)
     return gm
 
 
@@ -166,7 +158,8 @@ def float_node_names(graph, model, keep_float: Sequence[int]) -> set[str]:
             in_layers.append(node)
     keep |= {n.name for n in in_layers}
     # the op computing each float layer's input, through activations and views
-    frontier = [arg for n in in_layers for arg in n.all_input_nodes if arg.op == "call_function" and arg.name not in keep]
+    frontier = [arg for n in in_layers for arg in n.all_input_nodes
+                if arg.op == "call_function" and arg.name not in keep]
     while frontier:
         node = frontier.pop()
         if node.name in keep:

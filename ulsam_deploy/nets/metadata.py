@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, Json, ValidationError, field_validator, model_validator
 
 from ..data.preprocess import PreprocessingModel
-from ..errors import InputFileError, UlsamError, printable
+from ..errors import InputFileError, UlsamError, printable, validation_line
 from ..model.spec import MAX_POSITIONS_TEXT, ModelSpec
 
 FORMAT_TAG = "ulsam-deploy/1"
@@ -126,16 +126,6 @@ def validate_metadata(raw: dict[str, str], source: str) -> CheckpointMetadata | 
     try:
         return CheckpointMetadata.model_validate(raw)
     except ValidationError as exc:
-        raise InputFileError(f"{source}: its metadata is not what ulsam-deploy writes: {_one_line(exc)}",
-                             "rebuild it with `ulsam-deploy build --from` from a file you trust") from None
-
-
-def _one_line(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(printable(str(part)) for part in first["loc"]) or "top level"
-    if first["type"] == "extra_forbidden":
-        text = f"unknown key {where!r}"
-    else:
-        text = f"{where}: {first['msg']}"
-    more = exc.error_count() - 1
-    return printable(text)[:300] + (f" (and {more} more)" if more else "")
+        raise InputFileError(f"{source}: its metadata is not what ulsam-deploy writes: {validation_line(exc)}",
+                             "it was altered or not written by ulsam-deploy: use the original, or save its tensors "
+                             "alone (a state_dict .pth) for `ulsam-deploy build --from`") from None

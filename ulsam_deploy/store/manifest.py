@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..data.preprocess import PreprocessingModel
-from ..errors import InputFileError, StaleArtifactError, UlsamError
+from ..errors import InputFileError, StaleArtifactError, UlsamError, validation_line
 from ..formats import FORMATS
 from ..model.spec import ModelSpec
 from ..nets.build import sha256_file
@@ -129,12 +129,6 @@ class ManifestModel(BaseModel):
         return value
 
 
-def _one_line(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "top level"
-    return f"{where}: {first['msg']}" + (f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else "")
-
-
 def weights_sha256(model) -> str:
     """Hash of a model's tensors in state-dict order: identifies the weights whatever file held them."""
     digest = hashlib.sha256()
@@ -180,7 +174,7 @@ class Manifest:
         try:
             ManifestModel.model_validate(data)
         except ValidationError as exc:
-            raise InputFileError(f"{directory / MANIFEST} is not a valid manifest: {_one_line(exc)}",
+            raise InputFileError(f"{directory / MANIFEST} is not a valid manifest: {validation_line(exc)}",
                                  "re-run `ulsam-deploy export` to rebuild the directory") from None
         except UlsamError as exc:
             raise InputFileError(f"{directory / MANIFEST}: {exc.message}", "re-run `ulsam-deploy export`") from None
