@@ -120,7 +120,7 @@ def test_an_error_on_a_rank_stops_every_rank_with_one_line(tmp_path):
 def test_bad_training_options_are_one_line(cli, tmp_path, args, words):
     code, out, err = cli("train", *ARGS, "--out", tmp_path / "m", *args)
     assert code == 2 and words in err and "Traceback" not in err, err
-    assert not (tmp_path / "m" / "model.safetensors").exists()
+    assert not (tmp_path / "m").exists()                      # refused before anything is written
 
 
 def test_existing_model_folder_needs_force_and_a_held_lock_refuses(cli, tmp_path):

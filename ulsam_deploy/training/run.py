@@ -70,10 +70,11 @@ def run_training(request: RunRequest) -> dict | None:
     device = _process_device(choose_device(request.device))
     world = join(device)
     try:
+        # everything that can refuse the input comes before the first write (the folder and its lock)
+        model, data = training_setup(request.data, request.val, request.start_from, request.options,
+                                     request.shift, request.hflip, request.config.seed)
+        teacher = teacher_model(request.teacher, model.spec) if request.teacher is not None else None
         with folder_lock(request.out) if world.main else contextlib.nullcontext():
-            model, data = training_setup(request.data, request.val, request.start_from, request.options,
-                                         request.shift, request.hflip, request.config.seed)
-            teacher = teacher_model(request.teacher, model.spec) if request.teacher is not None else None
             with _progress(world, request.config, data) as hooks:
                 result = train(model, data, request.config, request.out, world, device, teacher, request.resume,
                                hooks, request.resume_command)

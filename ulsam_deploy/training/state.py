@@ -55,6 +55,9 @@ def check_output(folder: Path, force: bool, resume: bool) -> None:
     if folder.exists() and not folder.is_dir():
         raise InputFileError(f"--out {folder} exists and is not a folder", "name a new folder")
     if resume:
+        if not (folder / STATE).is_file():
+            raise InputFileError(f"--resume: {folder} holds no {STATE} to resume from",
+                                 "start the run without --resume (a state is written after every epoch)")
         return
     present = [name for name in MODEL_FILES if (folder / name).exists()]
     if present and not force:
