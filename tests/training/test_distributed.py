@@ -159,3 +159,13 @@ def test_interrupted_cli_run_says_how_to_resume(tmp_path):
     resumed = subprocess.run(command + ["--resume", "--json"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["resumed_from_epoch"] >= 1
+
+
+def test_build_refuses_to_replace_a_checkpoint_without_force(cli, tmp_path):
+    out = tmp_path / "m.safetensors"
+    assert cli("build", "--arch", "mv2", "--width", "0.35", "--out", out)[0] == 0
+    before = out.read_bytes()
+    code, _, err = cli("build", "--arch", "mv2", "--width", "0.35", "--seed", "1", "--out", out)
+    assert code == 2 and "already exists" in err and "--force" in err and out.read_bytes() == before
+    assert cli("build", "--arch", "mv2", "--width", "0.35", "--seed", "1", "--out", out, "--force")[0] == 0
+    assert out.read_bytes() != before

@@ -41,6 +41,7 @@ def build(out: Annotated[Path, typer.Option("--out", "-o", help="Where to write 
                              "are read from it.")] = None,
           seed: Annotated[int, typer.Option(help="Seed for random initialisation.")] = 0,
           allow_large: o.AllowLarge = False,
+          force: Annotated[bool, typer.Option("--force", help="Replace the checkpoint already at --out.")] = False,
           json_out: o.Json = False) -> None:
     """Write a safetensors checkpoint of a spec: randomly initialised, or a pretrained backbone with ULSAM put in."""
     import json
@@ -54,6 +55,8 @@ def build(out: Annotated[Path, typer.Option("--out", "-o", help="Where to write 
         raise InputFileError(f"--out {out} must end in .safetensors")
     if out.is_dir():
         raise InputFileError(f"--out {out} is a folder", "name a .safetensors file")
+    if out.exists() and not force:
+        raise InputFileError(f"--out {out} already exists", "choose another file, or pass --force to replace it")
     transplanted, extra = None, {}
     if from_checkpoint is None:
         spec = options.spec()
