@@ -55,7 +55,7 @@ def reference_model(path: Path, spec: ModelSpec | None = None):
 
 
 def training_setup(data: str, val: Path | None, start_from: Path | None, options: ModelOptions,
-                   shift: int | None, hflip: bool | None, seed: int):
+                   shift: int | None, hflip: bool | None, seed: int, allow_large: bool = False):
     """(model to train, TrainData) for ``ulsam-deploy train``: the data preprocessed the model's way
     (``--preprocess``, else what the start checkpoint records), augmented as befits its kind."""
     from .training.data import folder_data, reference_data
@@ -66,6 +66,9 @@ def training_setup(data: str, val: Path | None, start_from: Path | None, options
     else:
         if reference is not None:
             options = options.with_defaults(num_classes=reference.NUM_CLASSES, input_size=reference.DEFAULT_SIZE)
+        from .nets.build import check_model_size
+
+        check_model_size(options.spec(), allow_large=allow_large)   # the network at batch 1, before any weight exists
         model = build_model(options.spec(), seed=0)
         prep = options.preprocessing(model.spec)
     spec = model.spec

@@ -46,6 +46,7 @@ def train(ctx: typer.Context, out: Annotated[Path, typer.Option("--out", "-o", h
           kd_temperature: Annotated[float, typer.Option("--kd-temperature", min=0.1, max=100.0)] = 4.0,
           resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out (same arguments).")] = False,
           force: Annotated[bool, typer.Option("--force", help="Replace the model already in --out.")] = False,
+          allow_large: o.AllowLarge = False,
           seed: int = 0, json_out: o.Json = False) -> None:
     """Train on a reference set or an ImageFolder (streamed), on CPU or GPU, in one or several processes."""
     from ..training.run import choose_device
@@ -79,7 +80,7 @@ def train(ctx: typer.Context, out: Annotated[Path, typer.Option("--out", "-o", h
     from ..training.run import RunRequest, run_training
 
     request = RunRequest(out, options, start_from, data, val, shift, hflip, config, device, teacher, resume,
-                         command="ulsam-deploy " + shlex.join(argv), resume_command=_resume_command(argv, resume))
+                         allow_large=allow_large, command="ulsam-deploy " + shlex.join(argv), resume_command=_resume_command(argv, resume))
     summary = run_training(request)
     if summary is None:         # not rank 0
         return

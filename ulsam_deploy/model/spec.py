@@ -90,8 +90,11 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSpec":
+        positions = data.get("positions", "") if isinstance(data, dict) else None
+        if not isinstance(positions, str):
+            raise SpecError(f"stored model spec is malformed: positions must be text, not {type(positions).__name__}")
         try:
-            return cls.parse(arch=data["arch"], positions=data.get("positions", ""),
+            return cls.parse(arch=data["arch"], positions=positions,
                              groups=int(data.get("groups", 4)), width=float(data.get("width", 1.0)),
                              num_classes=int(data.get("num_classes", 1000)),
                              input_size=int(data.get("input_size", 224)),

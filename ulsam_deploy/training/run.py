@@ -29,6 +29,7 @@ class RunRequest:
     device: str = "auto"
     teacher: Path | None = None
     resume: bool = False
+    allow_large: bool = False
     command: str = ""
     resume_command: str = ""
 
@@ -72,7 +73,8 @@ def run_training(request: RunRequest) -> dict | None:
     try:
         # everything that can refuse the input comes before the first write (the folder and its lock)
         model, data = training_setup(request.data, request.val, request.start_from, request.options,
-                                     request.shift, request.hflip, request.config.seed)
+                                     request.shift, request.hflip, request.config.seed,
+                                     allow_large=request.allow_large)
         teacher = teacher_model(request.teacher, model.spec) if request.teacher is not None else None
         with folder_lock(request.out) if world.main else contextlib.nullcontext():
             with _progress(world, request.config, data) as hooks:
