@@ -264,6 +264,16 @@ def test_hostile_metadata_is_refused_in_one_line_before_any_work(world, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors"]
 
 
+@pytest.mark.parametrize("fields", [{"groups": float("inf")}, {"num_classes": float("-inf")}, {"positions": []},
+                                    {"positions": None}, {"width": float("nan")}, {"input_size": 10 ** 40}])
+def test_a_stored_spec_of_hostile_values_is_a_spec_error(fields):
+    """The manifest's spec is read by ModelSpec.from_dict too: int(inf) and [].strip() were tracebacks."""
+    from ulsam_deploy.errors import SpecError
+
+    with pytest.raises(SpecError):
+        ModelSpec.from_dict(SPEC.to_dict() | fields)
+
+
 def _no_work(*args, **kwargs):
     raise AssertionError("work started before the metadata was validated")
 

@@ -10,8 +10,7 @@ from .data.sets import REFERENCE_SETS, reference_set
 from .data.preprocess import Preprocessing
 from .errors import InputFileError, SpecError, printable
 from .export.options import ExportOptions
-from .nets import MobileNet, build_model, load_model
-from .nets.build import checkpoint_file
+from .nets import MobileNet, build_model
 from .model.options import ModelOptions
 from .model.spec import ModelSpec
 
