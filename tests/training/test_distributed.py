@@ -86,6 +86,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert max(float((trained[n] - alone[n]).abs().max()) for n in names) > 10 * apart
 
 
+@pytest.mark.slow
 def test_an_error_on_a_rank_stops_every_rank_with_one_line(tmp_path):
     import subprocess
     import sys
@@ -139,6 +140,7 @@ def test_existing_model_folder_needs_force_and_a_held_lock_refuses(cli, tmp_path
     assert (out / "model.safetensors").read_bytes() != before
 
 
+@pytest.mark.slow
 def test_interrupted_cli_run_says_how_to_resume(tmp_path):
     import signal
     import subprocess
@@ -146,7 +148,8 @@ def test_interrupted_cli_run_says_how_to_resume(tmp_path):
     import time
 
     out = tmp_path / "m"
-    command = [sys.executable, "-m", "ulsam_deploy", "train", *ARGS, "--epochs", "3", "--out", str(out)]
+    command = [sys.executable, "-m", "ulsam_deploy", "train", *ARGS, "--input-size", "64", "--epochs", "2",
+               "--out", str(out)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (out / "train_state.pt").exists() and proc.poll() is None and time.time() < deadline:
@@ -156,7 +159,7 @@ def test_interrupted_cli_run_says_how_to_resume(tmp_path):
     assert proc.returncode == 130, err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "is saved" in lines[0] and "--resume" in lines[0], err
-    resumed = subprocess.run(command + ["--resume", "--json"], capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(command + ["--resume", "--json"], capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["resumed_from_epoch"] >= 1
 
