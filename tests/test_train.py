@@ -1,18 +1,10 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from ulsam_deploy.training.train import accuracy
 
 MODELS = sorted(p for p in (Path(__file__).resolve().parents[1] / "models").iterdir() if (p / "model.safetensors").is_file())
-
-
-def test_accuracy_top1_top5():
-    logits = np.array([[0.1, 0.9, 0.0, 0, 0, 0], [0.8, 0.1, 0.05, 0, 0, 0.01]])
-    acc = accuracy(logits, np.array([1, 5]))
-    assert acc.top1 == 50.0 and acc.top5 == 100.0
 
 
 @pytest.mark.parametrize("folder", MODELS, ids=[p.name for p in MODELS])

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data.stream import Source, batches
-from ..errors import UlsamError
+from ..errors import Interrupted, UlsamError
 from ..nets import ULSAM, MobileNet
 from .data import TrainData
 from .distributed import World, all_sum, average_batchnorm
@@ -77,12 +77,6 @@ class TrainResult:
     steps: int = 0
     resumed_from_epoch: int = 0
     final: Accuracy | None = None     # after the last epoch (BatchNorm statistics averaged over processes)
-
-
-class Interrupted(UlsamError):
-    """Ctrl-C or SIGTERM during training: the last finished epoch is saved; ``--resume`` continues."""
-
-    exit_code = 130
 
 
 @dataclass
@@ -249,11 +243,3 @@ def _freeze_backbone(model: MobileNet, frozen: bool) -> None:
         module.requires_grad_(not frozen)
         if frozen:
             module.eval()
-
-
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> Accuracy:
-    k = min(5, logits.shape[1])
-    top = np.argsort(-logits, axis=1)[:, :k]
-    top1 = float((top[:, 0] == labels).mean() * 100)
-    top5 = float((top == labels[:, None]).any(axis=1).mean() * 100)
-    return Accuracy(top1, top5, int(len(labels)))
