@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -14,3 +16,15 @@ def cli():
         return result.exit_code, result.stdout, result.stderr
 
     return invoke
+
+
+@pytest.fixture(scope="session")
+def tflite_export(tmp_path_factory):
+    """Every TFLite format of the shipped digits model (one conversion for the session's TFLite tests)."""
+    pytest.importorskip("onnx2tf", reason="TFLite extra not installed: pip install 'ulsam-deploy[tflite]'")
+    model = Path(__file__).resolve().parents[1] / "models" / "mv2-ulsam-13-14-16-17-g4-digits"
+    out = tmp_path_factory.mktemp("tfl") / "exp"
+    result = CliRunner().invoke(app, ["export", "--model", str(model), "--formats",
+                                      "tflite-fp32,tflite-fp16,tflite-int8,tflite-int8-plain", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    return out

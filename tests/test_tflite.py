@@ -13,21 +13,7 @@ pytest.importorskip("onnx2tf", reason="TFLite extra not installed: pip install '
 from ulsam_deploy.store.manifest import Manifest  # noqa: E402
 from ulsam_deploy.runtime import open_artifact  # noqa: E402
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "mv2-ulsam-13-14-16-17-g4-digits"
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tflite_export(tmp_path_factory):
-    from typer.testing import CliRunner
-
-    from ulsam_deploy.cli import app
-
-    out = tmp_path_factory.mktemp("tfl") / "exp"
-    result = CliRunner().invoke(app, ["export", "--model", str(MODEL), "--formats",
-                                      "tflite-fp32,tflite-fp16,tflite-int8,tflite-int8-plain", "--out", str(out), "--json"])
-    assert result.exit_code == 0, result.stderr
-    return out
 
 
 def test_artifacts_and_io(tflite_export):

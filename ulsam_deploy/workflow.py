@@ -123,7 +123,8 @@ RUNS = Path("runs")
 
 
 def resolve_reference(model_path: Path | None, options: ModelOptions, allow_large: bool = False):
-    """(eager model, name, checkpoint record, dataset, preprocessing dict) for --model or the model options.
+    """(eager model, name, checkpoint record, dataset, preprocessing dict, validated metadata or None) for
+    --model or the model options.
 
     A checkpoint's recorded preprocessing is the one used; ``--preprocess`` serves files that record none.
     The dataset is a reference set's name or None: what else a checkpoint records is never read as a path.
@@ -135,7 +136,7 @@ def resolve_reference(model_path: Path | None, options: ModelOptions, allow_larg
         spec = options.spec()
         check_model_size(spec, allow_large=allow_large)
         return (build_model(spec, seed=0), spec.name, {"random_init_seed": 0}, None,
-                options.preprocessing(spec).to_dict())
+                options.preprocessing(spec).to_dict(), None)
     spec = spec_for_model(model_path, options)
     check_model_size(spec, allow_large=allow_large)
     checkpoint = read_checkpoint(model_path)
@@ -150,7 +151,24 @@ def resolve_reference(model_path: Path | None, options: ModelOptions, allow_larg
         prep = options.preprocessing(spec, None, checkpoint.layout.preprocess).to_dict()
     name = Path(model_path).name if Path(model_path).is_dir() else checkpoint.path.stem
     record = {"path": printable(str(model_path)), "sha256": sha256_file(checkpoint.path)}
-    return net, name, record, dataset, prep
+    return net, name, record, dataset, prep, meta
+
+
+def class_names(meta, spec: ModelSpec) -> tuple[str, ...]:
+    """The output labels: those the checkpoint records, else its reference set's, else class_0 ... class_N-1."""
+    if meta is not None and meta.class_names and len(meta.class_names) == spec.num_classes:
+        return tuple(meta.class_names)
+    dataset = reference_set(meta.dataset) if meta is not None else None
+    if dataset and REFERENCE_SETS[dataset].NUM_CLASSES == spec.num_classes:
+        return tuple(REFERENCE_SETS[dataset].CLASS_NAMES)
+    return tuple(f"class_{i}" for i in range(spec.num_classes))
+
+
+def accuracy_text(meta) -> str | None:
+    if meta is None or meta.test_top1 is None:
+        return None
+    count = f" on {meta.test_count:,} images" if meta.test_count else ""
+    return f"test top-1 {meta.test_top1:.2f} %{count}"
 
 
 def model_preprocessing(meta, spec: ModelSpec) -> dict:
@@ -169,10 +187,11 @@ def export_for(model_path, options: ModelOptions, export: ExportOptions, on_step
     from .export.pipeline import ExportRequest, run_export
     from .store.manifest import Manifest
 
-    net, name, checkpoint, dataset, prep = resolve_reference(model_path, options, export.allow_large)
+    net, name, checkpoint, dataset, prep, meta = resolve_reference(model_path, options, export.allow_large)
     request = ExportRequest(net, name, checkpoint, dataset, prep, export.formats,
                             calib_source=export.calib or dataset or "photos", calib_samples=export.calib_samples,
-                            calib_method=export.calib_method, keep_float=export.keep_float)
+                            calib_method=export.calib_method, keep_float=export.keep_float,
+                            class_names=class_names(meta, net.spec), accuracy=accuracy_text(meta))
     out = export.out or RUNS / name
     result = run_export(request, out, on_step=on_step)
     return result, Manifest.load(out)

@@ -159,3 +159,24 @@ def test_folder_training_card_states_the_held_out_images_and_recipe(cli, tmp_pat
     card = (out / "README.md").read_text()
     assert "4 images held out of the training folder (10% of each class" in card
     assert "random resized crop" in card and "label smoothing 0.1" in card
+
+
+def test_folder_class_names_travel_into_the_checkpoint_and_the_artifacts(cli, tmp_path):
+    import json
+
+    import onnx
+
+    from ulsam_deploy.workflow import checkpoint_metadata
+
+    _image_folder(tmp_path / "imgs", 20, side=32)
+    out = tmp_path / "m"
+    code, _, err = cli("train", "--arch", "mv2", "--width", "0.35", "--num-classes", "2", "--input-size", "32",
+                       "--data", tmp_path / "imgs", "--epochs", "1", "--batch-size", "8", "--max-steps", "1",
+                       "--workers", "0", "--out", out)
+    assert code == 0, err
+    assert checkpoint_metadata(out)["class_names"] == ["cat", "dog"]
+    code, _, err = cli("export", "--model", out, "--formats", "onnx", "--out", tmp_path / "exp")
+    assert code == 0, err
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "exp" / "model.onnx")).metadata_props}
+    assert json.loads(props["ulsam_deploy.labels"]) == ["cat", "dog"]
+    assert json.loads((tmp_path / "exp" / "manifest.json").read_text())["class_names"] == ["cat", "dog"]

@@ -15,7 +15,8 @@ from ..formats import (CPU_FORMATS, DEFAULT_FORMATS, FORMATS, KEEP_FLOAT_FORMATS
 
 # Bumped whenever a producer's output changes, so that `export` rebuilds artifacts made by an older recipe.
 # 3: INT8 logits no longer quantised (no clipping at the calibrated range); TFLite entries record their taps.
-RECIPE = "3"
+# 4: TFLite and ONNX files carry their preprocessing, class names and description (export/describe.py).
+RECIPE = "4"
 
 
 def parse_keep_float(text: str) -> tuple[int, ...]:

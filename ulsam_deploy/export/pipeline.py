@@ -24,6 +24,7 @@ from ..runtime.io import describe_io
 from ..nets import MobileNet, save_checkpoint
 from ..nets.build import sha256_file
 from . import FORMATS, KEEP_FLOAT_FORMATS, RECIPE, check_keep_float
+from .describe import embed
 
 PRODUCERS = {"onnx": "ulsam_deploy.export.onnx", "onnx-int8": "ulsam_deploy.export.quantize",
              "litert": "ulsam_deploy.export.tflite", "tensorrt": "ulsam_deploy.export.tensorrt",
@@ -42,6 +43,21 @@ class ExportRequest:
     calib_samples: int = 128
     calib_method: str = "minmax"
     keep_float: tuple[int, ...] = ()  # paper layers kept in float in the INT8 formats that honour it
+    class_names: tuple[str, ...] = ()  # written into the artifacts that can carry them (default class_0 ...)
+    accuracy: str | None = None        # the checkpoint's recorded test accuracy, for the artifacts' description
+
+    def facts(self):
+        from importlib.metadata import PackageNotFoundError, version
+
+        from .describe import ModelFacts
+
+        try:
+            ours = version("ulsam-deploy")
+        except PackageNotFoundError:
+            ours = ""
+        names = self.class_names or tuple(f"class_{i}" for i in range(self.model.spec.num_classes))
+        return ModelFacts(self.model_name, self.model.spec.to_dict(), self.preprocessing, names, self.dataset,
+                          self.accuracy, ours)
 
 
 @dataclass
@@ -162,6 +178,7 @@ def run_export(request: ExportRequest, out: Path, on_step=None) -> ExportResult:
 def _export_locked(request: ExportRequest, out: Path, calib: DataSet | None, result: ExportResult, on_step) -> None:
     on_step("reference weights")
     manifest = _start_manifest(out, request, weights_sha256(request.model))
+    manifest.data["class_names"] = list(request.facts().class_names)
     manifest.promise(request.formats)
     if calib is not None:
         manifest.data["calibration"] = calib.describe() | {"method": request.calib_method}
@@ -169,7 +186,7 @@ def _export_locked(request: ExportRequest, out: Path, calib: DataSet | None, res
     for name in request.formats:
         fmt = FORMATS[name]
         calib_info = manifest.data.get("calibration") if fmt.calibrated else None
-        if _is_current(manifest, name, calib_info, request.keep_float):
+        if _is_current(manifest, name, calib_info, request.keep_float, request.facts().sha256()):
             entry = manifest.artifacts[name]
             result.artifacts.append(ExportedArtifact(name, entry["file"], fmt.precision, fmt.backend,
                                                      entry["size_bytes"] / 1e6, entry["seconds"], "kept"))
@@ -177,6 +194,9 @@ def _export_locked(request: ExportRequest, out: Path, calib: DataSet | None, res
         on_step(name)
         t0 = time.perf_counter()
         details = _produce(name, request, manifest, calib)
+        if embed(fmt.backend, manifest.directory / fmt.filename, request.facts(), name):
+            details["embedded_metadata"] = {"kind": "TFLITE_METADATA + labels.txt" if fmt.backend == "litert"
+                                            else "metadata_props", "facts_sha256": request.facts().sha256()}
         details["recipe"] = RECIPE
         if name in KEEP_FLOAT_FORMATS:
             details["keep_float"] = sorted(request.keep_float)
@@ -188,10 +208,14 @@ def _export_locked(request: ExportRequest, out: Path, calib: DataSet | None, res
                                                  entry["size_bytes"] / 1e6, entry["seconds"], "built"))
 
 
-def _is_current(manifest: Manifest, name: str, calib: dict | None, keep_float: tuple[int, ...] = ()) -> bool:
+def _is_current(manifest: Manifest, name: str, calib: dict | None, keep_float: tuple[int, ...] = (),
+                facts_sha256: str | None = None) -> bool:
     entry = manifest.artifacts.get(name)
     if entry is None:
         return False
+    embedded = entry.get("embedded_metadata")
+    if isinstance(embedded, dict) and embedded.get("facts_sha256") != facts_sha256:
+        return False      # the model's labels or description changed: stamp a fresh file
     if name in KEEP_FLOAT_FORMATS and entry.get("keep_float", []) != sorted(keep_float):
         return False
     try:

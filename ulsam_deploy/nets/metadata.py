@@ -27,6 +27,7 @@ MAX_KEYS = 64
 Text = Annotated[str, Field(max_length=16384)]
 Percent = Annotated[float, Field(strict=False, ge=0, le=100, allow_inf_nan=False)]   # "99.17" -> 99.17
 Count = Annotated[int, Field(strict=False, ge=0, le=10 ** 12)]
+ClassName = Annotated[str, Field(min_length=1, max_length=256)]
 Record = dict[str, Any]   # a training recipe, for the card: any JSON object (finite, nested at most ~200 deep)
 
 
@@ -69,6 +70,7 @@ class CheckpointMetadata(BaseModel):
     train_recipe: Optional[Json[Record]] = None
     origin: Optional[Text] = None             # the checkpoint it was built or fine-tuned from
     teacher: Optional[Text] = None            # the distillation teacher
+    class_names: Optional[Json[Annotated[list[ClassName], Field(max_length=100_000)]]] = None   # output order
 
     @model_validator(mode="before")
     @classmethod
@@ -87,8 +89,19 @@ class CheckpointMetadata(BaseModel):
             raise ValueError("holds a non-finite number")
         return value
 
+    @field_validator("class_names")
+    @classmethod
+    def _names(cls, value):
+        if value is not None:
+            for name in value:
+                if name != name.strip() or any(not c.isprintable() for c in name):
+                    raise ValueError(f"class name {printable(name)[:40]!r} has control characters or edge spaces")
+        return value
+
     @model_validator(mode="after")
     def _preprocessing_fits(self) -> "CheckpointMetadata":
+        if self.class_names is not None and len(self.class_names) != self.spec.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {self.spec.num_classes} classes")
         if self.preprocessing is not None and self.preprocessing.size != self.spec.input_size:
             raise ValueError(f"preprocessing size {self.preprocessing.size} is not the model's input size "
                              f"{self.spec.input_size}")

@@ -15,7 +15,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Annotated, Any, Iterator, Literal, Optional
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -92,6 +92,7 @@ class ManifestModel(BaseModel):
     checkpoint: dict[str, Any] = {}
     preprocessing: PreprocessingModel
     dataset: Optional[str] = None
+    class_names: Optional[list[Annotated[str, Field(max_length=256)]]] = Field(None, max_length=100_000)
     calibration: Optional[dict[str, Any]] = None
     promised: list[str] = []
     artifacts: dict[str, ArtifactEntry]

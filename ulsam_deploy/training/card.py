@@ -25,7 +25,8 @@ def write_model_folder(model: MobileNet, folder: Path, data: TrainData, result: 
     meta = {"dataset": dataset, "preprocessing": json.dumps(data.preprocessing.to_dict()),
             "test_top1": f"{test.top1:.2f}", "test_top5": f"{test.top5:.2f}", "test_count": str(test.count),
             "train_config": json.dumps(asdict(config)), "train_recipe": json.dumps(asdict(data.recipe)),
-            **({"origin": origin} if origin else {}), **({"teacher": teacher} if teacher else {})}
+            **({"origin": origin} if origin else {}), **({"teacher": teacher} if teacher else {}),
+            **({"class_names": json.dumps(list(data.class_names))} if data.class_names else {})}
     checkpoint = save_checkpoint(model.cpu().to(memory_format=torch.contiguous_format), Path(folder) / "model.safetensors",
                                  extra=meta)
     params = sum(p.numel() for p in model.parameters())

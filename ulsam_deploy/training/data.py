@@ -27,7 +27,7 @@ from PIL import Image
 from ..data.images import class_folders, open_rgb, scan_images
 from ..data.preprocess import RESAMPLING, Preprocessing
 from ..data.stream import Source, files_fingerprint
-from ..errors import InputFileError, UlsamError
+from ..errors import InputFileError, UlsamError, printable
 
 VAL_FRACTION = 0.1                 # held out of a training folder per class when no --val is given
 RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
@@ -128,6 +128,7 @@ class TrainData:
     evaluation_note: str               # for the card: which images the test accuracy is measured on
     num_classes: int
     extra: dict = field(default_factory=dict)
+    class_names: tuple[str, ...] = ()  # in label order; recorded in the checkpoint, carried into the artifacts
 
 
 def reference_data(module, name: str, size: int, model_prep: Preprocessing, max_shift: int, hflip: bool,
@@ -143,7 +144,8 @@ def reference_data(module, name: str, size: int, model_prep: Preprocessing, max_
                      prep, recipe, seed)
     evaluation = evaluation_source(name, size, model_prep)
     return TrainData(name, train, evaluation, prep, recipe, module.describe(size),
-                     f"the {evaluation.count:,} images of the test split", module.NUM_CLASSES)
+                     f"the {evaluation.count:,} images of the test split", module.NUM_CLASSES,
+                     class_names=tuple(module.CLASS_NAMES))
 
 
 def folder_data(root: Path, val: Path | None, prep: Preprocessing, hflip: bool, seed: int) -> TrainData:
@@ -179,7 +181,13 @@ def folder_data(root: Path, val: Path | None, prep: Preprocessing, hflip: bool, 
                         files_fingerprint(val_paths, f"val:{classes}:{prep.to_dict()}"), num_classes=len(classes))
     evaluation.describe_sample = lambda i: f"{val_paths[i].parent.name}/{val_paths[i].name}"
     return TrainData(str(root), train, evaluation, prep, recipe, f"the ImageFolder `{root}` ({len(classes)} classes)",
-                     note, len(classes), {"classes": classes})
+                     note, len(classes), {"classes": classes}, tuple(class_name(c, i) for i, c in enumerate(classes)))
+
+
+def class_name(folder: str, index: int) -> str:
+    """A class folder's name as a label: printable, no control characters or edge spaces (else class_i)."""
+    name = "".join(c if c.isprintable() else " " for c in printable(folder))[:256].strip()
+    return name or f"class_{index}"
 
 
 def _scan(root: Path) -> tuple[list[str], list[Path], list[int]]:
