@@ -107,6 +107,27 @@ def test_bench_reads_an_export_directory_and_writes_no_runs_folder(cli, tmp_path
     assert code == 0, err
     assert {r["artifact"] for r in json.loads(text)} == {"torch", "onnx"}
     assert not (tmp_path / "runs").exists()
+    code, text, err = cli("bench", "--export", out, "--backend", "onnxruntime", "--precision", "fp32", "--runs", "4",
+                          "--warmup", "1", "--threads", "1", "--no-parity", "--ops", "--json")
+    assert code == 0, err
+    profile = json.loads(text)["ops"][0]
+    assert profile["artifact"] == "onnx" and profile["kernel_ms"] > 0
+    by_op = {r["op"]: r for r in profile["rows"]}
+    assert by_op["Gemm"]["nodes"] == 1 and sum(r["share"] for r in profile["rows"]) == pytest.approx(100)
+
+
+def test_kernel_time_by_op_skips_the_warmup_runs():
+    from ulsam_deploy.bench.ops import kernel_time_by_op
+
+    events = []
+    for run, (conv, relu) in enumerate([(900, 900), (10, 30), (30, 10)]):     # the first run is a warm-up
+        t = 1000 * run
+        events += [{"name": "model_run", "cat": "Session", "ts": t, "dur": 100},
+                   {"name": "c_kernel_time", "cat": "Node", "ts": t + 1, "dur": conv, "args": {"op_name": "Conv"}},
+                   {"name": "r_kernel_time", "cat": "Node", "ts": t + 50, "dur": relu, "args": {"op_name": "Relu"}}]
+    rows, total = kernel_time_by_op(events, skip_runs=1)
+    assert total == pytest.approx(0.04) and [(r.op, r.nodes) for r in rows] == [("Conv", 1), ("Relu", 1)]
+    assert rows[0].ms == pytest.approx(0.02) and rows[0].share == pytest.approx(50)
 
 
 def test_an_export_with_float_layers_is_named_so():

@@ -86,3 +86,13 @@ def _classifier_weights(path):
         if data.find(tensor[0].tobytes()) > 0:
             return tensor
     raise AssertionError("classifier weights not found")
+
+
+def test_manifest_records_the_xnnpack_split(tflite_export):
+    """LiteRT's INT8 softmax is not delegated: the plain full-integer model leaves XNNPACK at every ULSAM."""
+    manifest = Manifest.load(tflite_export)
+    fp32 = manifest.artifacts["tflite-fp32"]["xnnpack"]
+    plain = manifest.artifacts["tflite-int8-plain"]["xnnpack"]
+    assert fp32["partitions"] == 1 and fp32["outside_delegate"] == {}
+    assert plain["outside_delegate"] == {"SOFTMAX": 4} and plain["partitions"] == 5
+    assert plain["ops"]["SOFTMAX"] == 4

@@ -75,6 +75,9 @@ def bench(options: o.ModelOptions, model: o.ModelPath = None,
           runs: Annotated[int, typer.Option(min=1, max=100_000)] = 100,
           parity: Annotated[bool, typer.Option(help="Also run parity for the agreement columns.")] = True,
           plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of p50 latency (p90 whiskers).")] = None,
+          ops: Annotated[bool, typer.Option(
+              "--ops", help="Also show where the time goes: kernel time by op type (ONNX Runtime's profiler) and "
+                            "the delegate split (TFLite, ExecuTorch) of every artifact timed.")] = False,
           json_out: o.Json = False) -> None:
     """Time every artifact (exported if missing) and print one table; with --vs, per-backend ratios."""
     from ..render import report
@@ -125,11 +128,19 @@ def bench(options: o.ModelOptions, model: o.ModelPath = None,
             run_suite(subjects, keys, threads, batches, warmup, runs, parities, result,
                       subjects[0].manifest.spec.input_size,
                       on_step=lambda what: bar.update(task, description=f"timing {what}"))
+        profiles = []
+        if ops:
+            from ..bench.ops import profile_ops
+
+            bar.update(task, description="profiling ops")
+            profiles = profile_ops(subjects, [k for k in keys if k != "torch"], threads, runs)
     if plot is not None:
         report.plot_bench(result, plot)
     if json_out:
-        report.print_json(result.rows)
+        report.print_json({"rows": result.rows, "ratios": result.ratios, "ops": profiles} if ops else result.rows)
     else:
         report.console.print(report.bench_table(result))
         if result.ratios:
             report.console.print(report.ratio_table(result))
+        for profile in profiles:
+            report.console.print(report.ops_table(profile))

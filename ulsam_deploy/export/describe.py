@@ -149,7 +149,10 @@ def metadata_flatbuffer(facts: ModelFacts, artifact: str, input_quantisation: tu
     image_size = _table(b, [(0, "u32", size), (1, "u32", size)])
     image_props = _table(b, [(0, "i8", _RGB), (1, "off", image_size)])
     input_content = _table(b, [(0, "u8", _IMAGE_PROPERTIES), (1, "off", image_props)])
-    norm = _table(b, [(0, "off", _floats_vector(b, mean)), (1, "off", _floats_vector(b, std))])
+    # one value when the channels agree: the schema spreads it, and MediaPipe reads only that form
+    same = len(set(mean)) == 1 and len(set(std)) == 1
+    norm = _table(b, [(0, "off", _floats_vector(b, mean[:1] if same else mean)),
+                      (1, "off", _floats_vector(b, std[:1] if same else std))])
     unit = _table(b, [(0, "u8", _NORMALIZATION_OPTIONS), (1, "off", norm)])
     stats = _table(b, [(0, "off", _floats_vector(b, high)), (1, "off", _floats_vector(b, low))])
     input_meta = _table(b, [(0, "off", b.CreateString("image")), (1, "off", b.CreateString(input_text)),

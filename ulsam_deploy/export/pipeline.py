@@ -201,6 +201,10 @@ def _export_locked(request: ExportRequest, out: Path, calib: DataSet | None, res
         if name in KEEP_FLOAT_FORMATS:
             details["keep_float"] = sorted(request.keep_float)
         details["io"] = describe_io(manifest.directory / fmt.filename, fmt.backend)
+        if fmt.backend == "litert":
+            from ..runtime.litert import delegate_split
+
+            details["xnnpack"] = delegate_split(manifest.directory / fmt.filename)
         if fmt.calibrated:
             details |= {"calibration_sha256": calib.sha256, "calibration_method": request.calib_method}
         entry = manifest.record(name, fmt.filename, fmt.precision, fmt.backend, time.perf_counter() - t0, **details)

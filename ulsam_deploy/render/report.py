@@ -163,6 +163,19 @@ def ratio_table(result) -> Table:
                                                             "p10 - p90 over rounds", "rounds"), rows)
 
 
+def ops_table(profile) -> Table:
+    """Where one artifact's time goes (ONNX Runtime), or how its graph splits across the delegate."""
+    title = f"{profile.model} / {profile.artifact}"
+    if profile.rows:
+        rows = [(r.op, r.nodes, f"{r.ms:.3f}", f"{r.share:.1f}") for r in profile.rows]
+        return table(f"Kernel time by op: {title}", ("op", "nodes", "ms / inference", "% of kernels"), rows,
+                     caption=f"summed kernel time {profile.kernel_ms:.2f} ms per inference (ONNX Runtime profiler)")
+    outside = ", ".join(f"{op} x{n}" for op, n in profile.outside.items()) or "none"
+    rows = [(op, n, profile.outside.get(op, 0)) for op, n in profile.ops.items()] or [("-", "-", "-")]
+    return table(f"Delegate split: {title}", ("op", "in graph", "outside delegate"), rows,
+                 caption=f"{profile.partitions} delegate partition(s); outside: {outside}. {profile.note}")
+
+
 def plot_bench(result, path) -> None:
     """Grouped bars: p50 latency per backend x precision (x batch), p90 whiskers; one colour per model."""
     import matplotlib

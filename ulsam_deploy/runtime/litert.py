@@ -6,6 +6,7 @@ whatever batch arrives.
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +64,32 @@ class LiteRTRunner:
 
     def close(self) -> None:
         self.interpreter = None
+
+
+def delegate_split(path: Path) -> dict:
+    """How LiteRT's default XNNPACK delegate split a TFLite graph: the number of delegate partitions, the op
+    types left outside it (run by LiteRT's own kernels), and the op types of the graph.
+
+    The interpreter lists the graph's ops and then one DELEGATE node per partition. Ops outside are those the
+    delegates and the graph output need, transitively, that no delegate produces: every tensor a partition or
+    an outside op reads is a graph input, a constant, a partition's output or an outside op's output."""
+    interpreter = open_interpreter(path, 1)
+    nodes = interpreter._get_ops_details()
+    delegates = [n for n in nodes if n["op_name"] == "DELEGATE"]
+    graph = [n for n in nodes if n["op_name"] != "DELEGATE"]
+    producer = {int(t): n["index"] for n in graph for t in n["outputs"]}
+    delegated_out = {int(t) for n in delegates for t in n["outputs"]}
+    wanted = [int(t) for n in delegates for t in n["inputs"]]
+    wanted += [int(d["index"]) for d in interpreter.get_output_details()]
+    outside: set[int] = set()
+    while wanted:
+        tensor = wanted.pop()
+        op = producer.get(tensor)
+        if op is None or tensor in delegated_out or op in outside:
+            continue
+        outside.add(op)
+        wanted += [int(t) for t in nodes[op]["inputs"] if t >= 0]
+    by_index = {n["index"]: n["op_name"] for n in graph}
+    return {"delegate": "XNNPACK", "partitions": len(delegates),
+            "outside_delegate": dict(collections.Counter(by_index[i] for i in sorted(outside))),
+            "ops": dict(sorted(collections.Counter(n["op_name"] for n in graph).items()))}
