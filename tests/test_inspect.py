@@ -77,6 +77,20 @@ def mv2_export(trained, tmp_path_factory):
     return out
 
 
+def test_attention_spread_is_zero_for_uniform_maps():
+    from ulsam_deploy.export.layermap import Tap
+    from ulsam_deploy.verify.inspect import _TapAccumulator
+
+    acc = _TapAccumulator(Tap("layer16.attention", "16 attn", 16, "attention", True))
+    uniform = np.full((2, 4, 2, 2), 0.25, np.float32)          # 2 images, g = 4, 2x2 maps: 8 maps
+    peaked = uniform.copy()
+    peaked[0, 0] = [[0.7, 0.1], [0.1, 0.1]]                      # one map: (0.7 - 0.1) x 4 = 2.4
+    acc.update(peaked, uniform)
+    row = acc.result("output")
+    assert row.eager_spread_mean == 0 and row.eager_spread_min == 0
+    assert row.spread_mean == pytest.approx(2.4 / 8)
+
+
 def test_inspect_rows_probe_and_picture(mv2_export, cli, tmp_path):
     picture = tmp_path / "inspect.png"
     found = inspect(cli, mv2_export, "onnx,onnx-int8,onnx-int8-trt", "--plot", picture)
@@ -88,6 +102,7 @@ def test_inspect_rows_probe_and_picture(mv2_export, cli, tmp_path):
         assert labels.index("12") < labels.index("13 attn") < labels.index("13") < labels.index("14 attn")
         attention = [r for r in artifact["rows"] if r["kind"] == "attention"]
         assert len(attention) == 4 and all(r["ulsam"] and r["argmax_agreement"] is not None for r in attention)
+        assert all(r["eager_spread_min"] >= 0 and r["spread_mean"] is not None for r in attention)
     assert found["onnx"]["first_jump_layer"] is None
     assert all(r["sqnr_db"] > 90 for r in found["onnx"]["rows"])
     int8 = found["onnx-int8"]

@@ -22,15 +22,18 @@ def layer_table(inspection, artifact) -> Table:
         mark = "<- first jump" if row.kind == "output" and row.label == artifact.first_jump else ""
         rows.append((layer, row.observed, _num(row.cosine_mean, ".6f"), _num(row.cosine_min, ".6f"),
                      _num(row.rel_error, ".2e"), _num(row.sqnr_db, ".1f"), _num(row.drop_db, "+.1f"),
-                     _num(row.argmax_agreement, ".1f"), mark))
+                     _num(row.argmax_agreement, ".1f"),
+                     "-" if row.spread_mean is None else f"{row.eager_spread_mean:.2f} / {row.spread_mean:.2f}", mark))
     proof = ("probe logits identical to the artifact's" if artifact.logits_identical
              else f"PROBE DIFFERS from the artifact: max |logit diff| {artifact.logits_max_diff:.3g}")
     floats = f"; kept float: {', '.join(map(str, artifact.keep_float))}" if artifact.keep_float else ""
     jump = f"first jump at layer {artifact.first_jump}" if artifact.first_jump else "no jump"
     return table(f"{artifact.artifact} ({artifact.backend} {artifact.precision}) vs eager fp32 - {inspection.data}, "
                  f"{artifact.count} images",
-                 ("layer", "observed", "cos mean", "cos min", "rel err", "SQNR dB", "drop dB", "argmax agr %", ""),
-                 rows, caption=f"{jump}; {proof}{floats}")
+                 ("layer", "observed", "cos mean", "cos min", "rel err", "SQNR dB", "drop dB", "argmax agr %",
+                  "spread eager / here", ""),
+                 rows, caption=f"{jump}; {proof}{floats}; spread of an attention map: (max - min) x H*W, "
+                               "0 when uniform, mean over maps")
 
 
 def summary_table(inspection) -> Table:

@@ -11,6 +11,7 @@ weights of an uninterrupted one.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -97,9 +98,14 @@ def train(model: MobileNet, data: TrainData, config: TrainConfig, out: Path, wor
     if config.sync_bn and world.distributed:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if world.distributed:
-        net = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-            find_unused_parameters=config.freeze_backbone_epochs > 0)
+        # BN buffers stay rank-local until the epoch-end average. torch 2.13 deprecates broadcast_buffers in
+        # favour of forward_sync_buffers, which would still sync them at init; its own warning says to keep
+        # broadcast_buffers=False until init_sync_buffers exists, so that warning is not shown to users.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            net = nn.parallel.DistributedDataParallel(
+                net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+                find_unused_parameters=config.freeze_backbone_epochs > 0)
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
     sampler = DistributedSampler(data.train, num_replicas=world.size, rank=world.rank, shuffle=True, seed=config.seed)

@@ -43,6 +43,10 @@ class TapStats:
     sqnr_db: float | None               # 10 log10(sum eager^2 / sum (artifact - eager)^2) over the tensor
     argmax_agreement: float | None = None   # attention maps: % whose peak position agrees with eager
     drop_db: float | None = None        # SQNR lost since the previous layer's output
+    # attention maps: spread = (max - min) x H*W per map, i.e. in units of the uniform weight (0 = uniform)
+    eager_spread_mean: float | None = None
+    eager_spread_min: float | None = None
+    spread_mean: float | None = None    # the artifact's maps
 
 
 @dataclass
@@ -85,6 +89,8 @@ class _TapAccumulator:
         self.tap = tap
         self.ref2 = self.diff2 = self.cos_sum = self.rel_sum = 0.0
         self.cos_min, self.n, self.argmax_hits = math.inf, 0, 0
+        self.spread_ref = self.spread_out = 0.0
+        self.spread_ref_min = math.inf
 
     def update(self, value: np.ndarray, reference: np.ndarray) -> None:
         units = reference.shape[0] * (reference.shape[1] if self.tap.kind == "attention" else 1)
@@ -101,6 +107,10 @@ class _TapAccumulator:
         self.n += units
         if self.tap.kind == "attention":
             self.argmax_hits += int((ref.argmax(1) == out.argmax(1)).sum())
+            spread_ref, spread_out = np.ptp(ref, axis=1) * ref.shape[1], np.ptp(out, axis=1) * out.shape[1]
+            self.spread_ref += float(spread_ref.sum())
+            self.spread_out += float(spread_out.sum())
+            self.spread_ref_min = min(self.spread_ref_min, float(spread_ref.min()))
 
     def result(self, observed: str) -> TapStats:
         if not (math.isfinite(self.ref2) and math.isfinite(self.diff2)):
@@ -109,9 +119,13 @@ class _TapAccumulator:
             sqnr = min(10 * math.log10(self.ref2 / self.diff2), SQNR_CAP_DB) if self.ref2 > 0 else -SQNR_CAP_DB
         else:
             sqnr = SQNR_CAP_DB
+        attention = self.tap.kind == "attention"
         return TapStats(self.tap.label, self.tap.key, self.tap.layer, self.tap.kind, self.tap.ulsam, observed,
                         self.cos_sum / self.n, self.cos_min, self.rel_sum / self.n, sqnr,
-                        100.0 * self.argmax_hits / self.n if self.tap.kind == "attention" else None)
+                        100.0 * self.argmax_hits / self.n if attention else None,
+                        eager_spread_mean=self.spread_ref / self.n if attention else None,
+                        eager_spread_min=self.spread_ref_min if attention else None,
+                        spread_mean=self.spread_out / self.n if attention else None)
 
 
 def mark_jump(rows: list[TapStats]) -> tuple[int | None, str | None]:
