@@ -30,6 +30,7 @@ def inspect(cli, out, formats, *extra):
     return {a["artifact"]: a for a in json.loads(stdout)["artifacts"]}
 
 
+@pytest.mark.slow   # trains a small model first (the session's `trained` fixture)
 @pytest.mark.parametrize("spec,layer", [(MV2, 3), (MV2, 4), (MV2, 13), (MV2, 19), (MV1, 2), (MV1, 4), (MV1, 11)])
 def test_planted_model_computes_the_same_function(trained, spec, layer):
     import torch
@@ -130,6 +131,7 @@ def test_inspect_table_and_refusals(mv2_export, cli, tmp_path):
                                              pytest.param(MV2, 13, (15,), marks=pytest.mark.slow),
                                              pytest.param(MV1, 4, (4, 5), marks=pytest.mark.slow)],
                          ids=["mv2-4", "mv1-11", "mv2-3", "mv2-19", "mv2-13", "mv1-4"])
+@pytest.mark.slow   # trains a small model first (the session's `trained` fixture)
 def test_planted_outlier_fails_check_and_is_named(trained, cli, tmp_path, spec, layer, jump):
     out = tmp_path / "exp"
     export(cli, planted_file(trained(spec), tmp_path, layer), out)

@@ -29,6 +29,7 @@ def _dq_inputs(path):
                    for n in graph.node}
 
 
+@pytest.mark.slow   # trains a small model first (the session's `trained` fixture)
 def test_keep_float_removes_qdq_from_named_layers(trained, cli, tmp_path):
     out = tmp_path / "exp"
     ckpt = trained(MV2)
@@ -64,6 +65,7 @@ def _check(cli, out, formats):
     return code, {r["artifact"]: r for r in json.loads(stdout)}
 
 
+@pytest.mark.slow   # trains a small model first (the session's `trained` fixture)
 def test_keep_float_repairs_planted_outlier_by_hand(trained, cli, tmp_path):
     ckpt = planted_file(trained(MV2), tmp_path, 4)
     out = tmp_path / "exp"
@@ -77,6 +79,7 @@ def test_keep_float_repairs_planted_outlier_by_hand(trained, cli, tmp_path):
 
 @pytest.mark.parametrize("spec,layer", [(MV2, 4), pytest.param(MV1, 4, marks=pytest.mark.slow)],
                          ids=["mv2-4", "mv1-4"])
+@pytest.mark.slow   # trains a small model first (the session's `trained` fixture)
 def test_keep_float_auto_repairs_planted_outlier(trained, cli, tmp_path, spec, layer):
     ckpt = planted_file(trained(spec), tmp_path, layer)
     out = tmp_path / "exp"
