@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# The 112 px Fashion-MNIST reference models: the shipped 48 px models fine-tuned at 112 px with one recipe,
-# two processes (one per core), one model after the other. Run again after an interruption: each run resumes
-# from its last finished epoch; a finished model is left alone. The models are written to models/ (OUT to change).
+# The 112 px Fashion-MNIST reference models: the shipped 48 px models fine-tuned at 112 px in two stages with
+# one recipe for both (stage 1: 3 epochs, lr 0.02; stage 2: 2 more epochs from stage 1, lr 0.01; cosine decay
+# in each), two processes (one per core), one run after the other. Run again after an interruption: each run
+# resumes from its last finished epoch; a finished run is left alone. Stage 1 writes to runs/fashion-112/,
+# stage 2 the models to models/ (OUT to change).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 U=.venv/bin/ulsam-deploy
 OUT=${OUT:-models}
-LOGS=${LOGS:-runs/fashion-112}
-EPOCHS=${EPOCHS:-3}
-mkdir -p "$LOGS"
-run() {   # name, 48 px model
-    local name=$1 start=$2
+RUNS=${RUNS:-runs/fashion-112}
+mkdir -p "$RUNS"
+run() {   # output folder, log name, train arguments
+    local out=$1 log=$2; shift 2
     local resume=()
-    [ -f "$OUT/$name/model.safetensors" ] && [ ! -f "$OUT/$name/train_state.pt" ] && return 0
-    [ -f "$OUT/$name/train_state.pt" ] && resume=(--resume)
-    $U train --start-from "$start" --input-size 112 --data fashion --epochs "$EPOCHS" --batch-size 64 \
-        --lr 0.02 --workers 1 --nproc 2 --out "$OUT/$name" --json "${resume[@]}" \
-        > "$LOGS/$name.json" 2>> "$LOGS/$name.log"
+    [ -f "$out/model.safetensors" ] && [ ! -f "$out/train_state.pt" ] && return 0
+    [ -f "$out/train_state.pt" ] && resume=(--resume)
+    $U train "$@" --data fashion --batch-size 64 --workers 1 --nproc 2 --out "$out" --json "${resume[@]}" \
+        > "$RUNS/$log.json" 2>> "$RUNS/$log.log"
 }
-run mv2-ulsam-13-14-16-17-g4-fashion-112 models/mv2-ulsam-13-14-16-17-g4-fashion
-run mv2-fashion-112 models/mv2-fashion
+for pair in mv2-ulsam-13-14-16-17-g4-fashion mv2-fashion; do
+    run "$RUNS/$pair-112-stage1" "$pair-112-stage1" --start-from "models/$pair" --input-size 112 --epochs 3 --lr 0.02
+    run "$OUT/$pair-112" "$pair-112" --start-from "$RUNS/$pair-112-stage1" --epochs 2 --lr 0.01
+done

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -76,7 +77,12 @@ def train(ctx: typer.Context, out: Annotated[Path, typer.Option("--out", "-o", h
                          kd_temperature=kd_temperature)
     argv = _invoked_args(ctx)
     if nproc > 1 and not launched():
+        # torchrun's own parser would take --nproc as its --nproc-per-node, so the processes get the command
+        # without it; the command as typed reaches them in the environment, for the card and the resume line
+        os.environ[COMMAND_ENV] = shlex.join(argv)
         raise typer.Exit(launch(nproc, _without_nproc(argv)))
+    if launched() and COMMAND_ENV in os.environ:
+        argv = shlex.split(os.environ[COMMAND_ENV])
     from ..training.run import RunRequest, run_training
 
     request = RunRequest(out, options, start_from, data, val, shift, hflip, config, device, teacher, resume,
@@ -92,6 +98,9 @@ def train(ctx: typer.Context, out: Annotated[Path, typer.Option("--out", "-o", h
         report.console.print(f"wrote {out}: test top-1 {summary['test_top1']:.2f} %, top-5 {summary['test_top5']:.2f} % "
                              f"({summary['seconds']:.0f} s, {summary['images_per_s']:.1f} images/s, "
                              f"{summary['world_size']} process(es) on {summary['device']})")
+
+
+COMMAND_ENV = "ULSAM_DEPLOY_TRAIN_COMMAND"
 
 
 def _invoked_args(ctx: typer.Context) -> list[str]:
