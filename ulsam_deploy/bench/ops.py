@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import bisect
 import collections
 import json
 import tempfile
@@ -70,7 +71,6 @@ def kernel_time_by_op(events: list[dict], skip_runs: int) -> tuple[list[OpRow], 
     if not windows:
         return [], 0.0
     starts = [w[0] for w in windows]
-    import bisect
 
     def timed(event) -> bool:
         i = bisect.bisect_right(starts, event["ts"]) - 1
