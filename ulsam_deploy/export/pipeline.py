@@ -178,7 +178,9 @@ def run_export(request: ExportRequest, out: Path, on_step=None) -> ExportResult:
 def _export_locked(request: ExportRequest, out: Path, calib: DataSet | None, result: ExportResult, on_step) -> None:
     on_step("reference weights")
     manifest = _start_manifest(out, request, weights_sha256(request.model))
-    manifest.data["class_names"] = list(request.facts().class_names)
+    facts = request.facts()
+    facts_sha256 = facts.sha256()
+    manifest.data["class_names"] = list(facts.class_names)
     manifest.promise(request.formats)
     if calib is not None:
         manifest.data["calibration"] = calib.describe() | {"method": request.calib_method}
@@ -186,7 +188,7 @@ def _export_locked(request: ExportRequest, out: Path, calib: DataSet | None, res
     for name in request.formats:
         fmt = FORMATS[name]
         calib_info = manifest.data.get("calibration") if fmt.calibrated else None
-        if _is_current(manifest, name, calib_info, request.keep_float, request.facts().sha256()):
+        if _is_current(manifest, name, calib_info, request.keep_float, facts_sha256):
             entry = manifest.artifacts[name]
             result.artifacts.append(ExportedArtifact(name, entry["file"], fmt.precision, fmt.backend,
                                                      entry["size_bytes"] / 1e6, entry["seconds"], "kept"))
@@ -194,9 +196,9 @@ def _export_locked(request: ExportRequest, out: Path, calib: DataSet | None, res
         on_step(name)
         t0 = time.perf_counter()
         details = _produce(name, request, manifest, calib)
-        if embed(fmt.backend, manifest.directory / fmt.filename, request.facts(), name):
+        if embed(fmt.backend, manifest.directory / fmt.filename, facts, name):
             details["embedded_metadata"] = {"kind": "TFLITE_METADATA + labels.txt" if fmt.backend == "litert"
-                                            else "metadata_props", "facts_sha256": request.facts().sha256()}
+                                            else "metadata_props", "facts_sha256": facts_sha256}
         details["recipe"] = RECIPE
         if name in KEEP_FLOAT_FORMATS:
             details["keep_float"] = sorted(request.keep_float)
