@@ -48,12 +48,10 @@ def onnxruntime_ops(path: Path, input_size: int, threads: int, runs: int, warmup
     """Kernel time by op type per inference (batch 1), from ONNX Runtime's session profiler."""
     import onnxruntime as ort
 
+    from ..runtime.onnxruntime import session_options
+
     with tempfile.TemporaryDirectory(prefix="ulsam-ortprof-") as scratch:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = session_options(threads)
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(scratch) / "ort")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -91,7 +89,6 @@ def _by_op(events: list[dict], runs: int) -> tuple[list[OpRow], float]:
     rows = [OpRow(op, round(count[op] / runs), t / runs, 100.0 * t / total if total else 0.0)
             for op, t in sorted(time.items(), key=lambda kv: -kv[1])]
     return rows, total / runs if runs else 0.0
-
 
 
 def profile_ops(subjects, keys: list[str], threads: int, runs: int) -> list[OpProfile]:

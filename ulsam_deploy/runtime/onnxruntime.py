@@ -10,16 +10,22 @@ import onnxruntime as ort
 from ..errors import InputFileError
 
 
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    """The CPU session options every ONNX Runtime session of ours uses (runner, op profile)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    # Idle intra-op threads spin by default; with two sessions timed side by side the spinning
+    # pool of one steals the cores of the other (p50 doubled in an interleaved bench here).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 class OnnxRuntimeRunner:
     def __init__(self, path: Path, precision: str = "fp32", threads: int = 0):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        # Idle intra-op threads spin by default; with two sessions timed side by side the spinning
-        # pool of one steals the cores of the other (p50 doubled in an interleaved bench here).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = session_options(threads)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
