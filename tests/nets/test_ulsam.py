@@ -98,27 +98,3 @@ def test_onnx_node_count_does_not_grow_with_groups(tmp_path):
         counts[g] = len(graph.node)
         assert not any(n.op_type == "Tile" for n in graph.node)
     assert len(set(counts.values())) == 1, counts
-
-
-@pytest.mark.parametrize("groups", [1, 4, 16])
-def test_flat_export_form_equals_eager_without_reshapes(tmp_path, groups):
-    """The export form: the same values as eager (ONNX Runtime, fp32), 4-D only, nodes independent of g."""
-    import onnx
-    import onnxruntime as ort
-
-    from ulsam_deploy.nets.ulsam import export_form
-
-    module = ULSAM(64, groups).eval()
-    _randomise(module, groups)
-    x = torch.randn(2, 64, 7, 5)
-    path = tmp_path / "flat.onnx"
-    with export_form(module, "flat"):
-        torch.onnx.export(module, (x,), str(path), dynamo=True, external_data=False, opset_version=18, verbose=False)
-    assert module.form == "reference"
-    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-    assert not {"Reshape", "Transpose", "Softmax", "Unsqueeze", "Tile"} & set(ops), ops
-    assert len(ops) == 12, ops     # dw, relu, pool, pw, relu (BN folded), max, sub, exp, sum, div, spread conv, mul
-    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    with torch.no_grad():
-        want = module(x).numpy()
-    assert abs(got - want).max() <= 1e-5 * max(1.0, abs(want).max())

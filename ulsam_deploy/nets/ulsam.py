@@ -8,7 +8,6 @@ loop over g ``SubSpace`` modules; the attention map A (N, g, H, W) is broadcast 
 
 from __future__ import annotations
 
-import contextlib
 import re
 
 import torch
@@ -32,7 +31,6 @@ class ULSAM(nn.Module):
         self.pool = nn.MaxPool2d(3, stride=1, padding=1)
         self.pw = nn.Conv2d(channels, groups, 1, groups=groups, bias=True)
         self.pw_bn = nn.BatchNorm2d(groups, momentum=OFFICIAL_BN_MOMENTUM)
-        self.form = "reference"   # what an export traces: "reference" (forward as written) or "flat" (_flat)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """The attention maps A, shape (N, g, H, W); each map sums to 1 over H*W."""
@@ -42,46 +40,12 @@ class ULSAM(nn.Module):
         return torch.softmax(a.flatten(2), dim=-1).view_as(a)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.form == "flat" and _exporting():
-            return self._flat(x)
         a = self.attention(x).unsqueeze(2)                      # (N, g, 1, H, W)
         xg = x.unflatten(1, (self.groups, self.channels // self.groups))  # (N, g, G, H, W)
         return (xg * a + xg).flatten(1, 2)
 
-    def _flat(self, x: torch.Tensor) -> torch.Tensor:
-        """The export form: 4-D throughout, no reshape, so a runtime keeps its own layout (NHWC, NCHWc).
-
-        Softmax over H*W as max / subtract / exp / sum / divide over the two spatial axes; x*A + x as
-        x * (1 + A) with A spread from g to m channels by a 1x1 convolution of channel multiplier G with
-        all-one weights and bias 1 (a depthwise convolution for the converters). Same values as ``forward``
-        to float rounding; the node count does not depend on g.
-        """
-        a = torch.relu(self.dw_bn(self.dw(x)))
-        a = torch.relu(self.pw_bn(self.pw(self.pool(a))))
-        e = torch.exp(a - a.amax(dim=(2, 3), keepdim=True))
-        attention = e / e.sum(dim=(2, 3), keepdim=True)
-        ones = torch.ones(self.channels, 1, 1, 1, dtype=x.dtype, device=x.device)
-        scale = F.conv2d(attention, ones, torch.ones(self.channels, dtype=x.dtype, device=x.device), groups=self.groups)
-        return x * scale
-
     def extra_repr(self) -> str:
         return f"channels={self.channels}, groups={self.groups}"
-
-
-@contextlib.contextmanager
-def export_form(model: nn.Module, form: str):
-    """Trace every ULSAM of ``model`` in ``form`` ("reference" or "flat") within the block."""
-    if form not in ("reference", "flat"):
-        raise ValueError(f"ULSAM export form {form!r} is unknown")
-    modules = [m for m in model.modules() if isinstance(m, ULSAM)]
-    before = [m.form for m in modules]
-    for m in modules:
-        m.form = form
-    try:
-        yield model
-    finally:
-        for m, old in zip(modules, before):
-            m.form = old
 
 
 def _exporting() -> bool:
