@@ -92,8 +92,9 @@ def train(model: MobileNet, data: TrainData, config: TrainConfig, out: Path, wor
     """Train ``model`` in place; after every epoch rank 0 writes the training state into ``out``."""
     hooks = hooks or Hooks()
     model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    # NHWC: oneDNN's CPU convolutions (depthwise ones most) and cuDNN's run faster on it; 1.4x per training step
+    # on a CPU at 112 px.
+    model.to(memory_format=torch.channels_last)
     net: nn.Module = model
     if config.sync_bn and world.distributed:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -181,8 +182,7 @@ def _epoch(net, model, teacher, loader, optimiser, scheduler, scaler, config: Tr
         if config.max_steps is not None and step >= config.max_steps:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = net(x)
             loss = distillation_loss(logits, y, teacher(x) if teacher is not None else None, config)
@@ -226,9 +226,7 @@ def evaluate(model: nn.Module, source: Source, world: World, device: torch.devic
                   source.fingerprint, source.num_classes)
     top1 = top5 = count = 0
     for chunk in batches(part, batch):
-        x = torch.from_numpy(chunk.images).to(device)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = torch.from_numpy(chunk.images).to(device).contiguous(memory_format=torch.channels_last)
         logits = model(x).float().cpu().numpy()
         top = np.argsort(-logits, axis=1)[:, :5]
         top1 += int((top[:, 0] == chunk.labels).sum())
