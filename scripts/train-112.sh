@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The 112 px Fashion-MNIST reference models: the shipped 48 px models fine-tuned at 112 px in three stages with
 # one recipe for both (stage 1: 3 epochs, lr 0.02; stage 2: 2 more epochs, lr 0.01; stage 3: 4 more epochs,
-# lr 0.005; cosine decay in each, each stage starting from the previous one's weights), two processes (one per
-# core), one run after the other. Run again after an interruption: each run resumes from its last finished
+# lr 0.005, seed 2; cosine decay in each, each stage starting from the previous one's weights), two processes
+# (one per core), one run after the other. A stage's batches and augmentations follow (seed, epoch), so a stage
+# with the seed of an earlier one would replay its epochs' exact samples: stage 3 draws fresh ones. Run again after an interruption: each run resumes from its last finished
 # epoch; a finished run is left alone. Stages 1 and 2 write to runs/fashion-112/ (RUNS to change), stage 3 the
 # models to models/ (OUT to change).
 set -euo pipefail
@@ -22,5 +23,5 @@ run() {   # output folder, log name, train arguments
 for pair in mv2-ulsam-13-14-16-17-g4-fashion mv2-fashion; do
     run "$RUNS/$pair-112-stage1" "$pair-112-stage1" --start-from "models/$pair" --input-size 112 --epochs 3 --lr 0.02
     run "$RUNS/$pair-112-stage2" "$pair-112-stage2" --start-from "$RUNS/$pair-112-stage1" --epochs 2 --lr 0.01
-    run "$OUT/$pair-112" "$pair-112" --start-from "$RUNS/$pair-112-stage2" --epochs 4 --lr 0.005
+    run "$OUT/$pair-112" "$pair-112" --start-from "$RUNS/$pair-112-stage2" --epochs 4 --lr 0.005 --seed 2
 done
