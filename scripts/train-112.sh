@@ -3,9 +3,9 @@
 # one recipe for both (stage 1: 3 epochs, lr 0.02; stage 2: 2 more epochs, lr 0.01; stage 3: 4 more epochs,
 # lr 0.005, seed 2; cosine decay in each, each stage starting from the previous one's weights), two processes
 # (one per core), one run after the other. A stage's batches and augmentations follow (seed, epoch), so a stage
-# with the seed of an earlier one would replay its epochs' exact samples: stage 3 draws fresh ones. Run again after an interruption: each run resumes from its last finished
-# epoch; a finished run is left alone. Stages 1 and 2 write to runs/fashion-112/ (RUNS to change), stage 3 the
-# models to models/ (OUT to change).
+# with an earlier stage's seed replays that stage's samples: stage 3 draws fresh ones. Run again after an
+# interruption: each run resumes from its last finished epoch; a finished run is left alone. Stages 1 and 2
+# write to runs/fashion-112/ (RUNS to change), stage 3 the models to models/ (OUT to change).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 U=.venv/bin/ulsam-deploy
