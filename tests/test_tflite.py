@@ -89,10 +89,14 @@ def _classifier_weights(path):
 
 
 def test_manifest_records_the_xnnpack_split(tflite_export):
-    """LiteRT's INT8 softmax is not delegated: the plain full-integer model leaves XNNPACK at every ULSAM."""
+    """The default TFLite models run in one XNNPACK partition, and ULSAM adds no layout change to them: the
+    only TRANSPOSE and RESHAPE are the head's flatten of the pooled features, as in MV2. The plain
+    full-integer model leaves XNNPACK at every ULSAM (LiteRT's INT8 EXP and DIV are not delegated)."""
     manifest = Manifest.load(tflite_export)
-    fp32 = manifest.artifacts["tflite-fp32"]["xnnpack"]
+    for name in ("tflite-fp32", "tflite-fp16", "tflite-int8"):
+        split = manifest.artifacts[name]["xnnpack"]
+        assert split["partitions"] == 1 and split["outside_delegate"] == {}, name
+        assert split["ops"]["TRANSPOSE"] == 1 and split["ops"]["RESHAPE"] == 1, name
+        assert split["ops"]["EXP"] == 4 and "SOFTMAX" not in split["ops"], name
     plain = manifest.artifacts["tflite-int8-plain"]["xnnpack"]
-    assert fp32["partitions"] == 1 and fp32["outside_delegate"] == {}
-    assert plain["outside_delegate"] == {"SOFTMAX": 4} and plain["partitions"] == 5
-    assert plain["ops"]["SOFTMAX"] == 4
+    assert plain["outside_delegate"] == {"EXP": 4, "DIV": 4} and plain["partitions"] == 9

@@ -5,8 +5,11 @@
 int8 per-tensor activations) annotates the exported graph, the calibration array of every other INT8 artifact
 (NCHW, normalised - the model input) runs through the observers, ``convert_pt2e`` folds the ranges in.
 
-As in the ONNX and TFLite recipes, ULSAM's attention path stays float: the quantizer has no softmax pattern,
-and the node filter leaves the multiply ``x*A`` and the residual add ``x*A + x`` of every ULSAM unannotated.
+ULSAM is traced in its ``spatial`` form (:func:`ulsam_deploy.nets.ulsam.export_form`): all of it 4-D, so the
+XNNPACK partitioner takes it whole (the broadcast form's ``unsqueeze`` of A to 5-D ran outside the delegate
+and split the network into five delegated subgraphs). As in the ONNX and TFLite recipes, ULSAM's attention
+path stays float: the node filter leaves the softmax's pieces, the convolution that spreads ``1 + A`` over the
+channels and the multiply ``x * (1 + A)`` of every ULSAM unannotated.
 The classifier (``nn.Linear``) stays float, so the logits are never clipped at the calibrated range, and so
 do the ``keep_float`` paper layers with the op that writes each one's input (walked back through activations
 and views to the op that computes it): otherwise the float layer would read a tensor rounded to INT8.
@@ -45,6 +48,7 @@ def produce(name: str, manifest, target: Path, calib, keep_float: Sequence[int] 
     import torch
 
     from ..nets import load_model
+    from ..nets.ulsam import export_form
     from ..store.manifest import REFERENCE, tool_versions
 
     model = load_model(manifest.directory / REFERENCE).eval()
@@ -53,7 +57,7 @@ def produce(name: str, manifest, target: Path, calib, keep_float: Sequence[int] 
     used = {k: v for k, v in tool_versions().items() if k in ("executorch", "torchao")}
     details: dict = {"converter": "torch.export -> executorch.exir.to_edge_transform_and_lower (XnnpackPartitioner)",
                      "batch": 1, "versions": used}
-    with _quiet_all():
+    with _quiet_all(), export_form(model, "spread"):   # 4-D form: see ulsam_deploy.nets.ulsam
         if FORMATS[name].precision == "int8":
             graph, recipe = quantize(model, calib.images, calib_method, keep_float)
             details |= recipe
@@ -139,6 +143,11 @@ def _clamped(observer, low: float, high: float):
     return Clamped
 
 
+# ULSAM's own ops after its two convolution blocks (both forms): the softmax's pieces, the convolution that
+# spreads 1 + A over the channels, x*A (+ x)
+_ATTENTION_OPS = ("mul", "add", "sub", "exp", "div", "amax", "sum", "conv2d")
+
+
 def float_node_names(graph, model, keep_float: Sequence[int]) -> set[str]:
     """Names of the exported graph's nodes the quantizer must leave float (see the module docstring)."""
     from ..nets.ulsam import ULSAM
@@ -152,7 +161,7 @@ def float_node_names(graph, model, keep_float: Sequence[int]) -> set[str]:
         stack = _stack_of(node)
         innermost = stack[-1] if stack else ""
         op = _op(node)
-        if (innermost in ulsams and op in ("mul", "add")) or "classifier" in stack:
+        if (innermost in ulsams and op in _ATTENTION_OPS) or "classifier" in stack:
             keep.add(node.name)
         elif layers & set(stack):
             in_layers.append(node)

@@ -17,6 +17,11 @@ import os
 import sys
 
 
+# ULSAM's attention path in its spatial form (the softmax over H*W and x * (1 + A)); the backbones use none
+# of these ops, so denying them by type keeps exactly the attention path in float.
+ATTENTION_OPS = ("REDUCE_MAX", "SUB", "EXP", "SUM", "DIV", "MUL")
+
+
 def convert(onnx_path: str, out_dir: str) -> int:
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -53,7 +58,7 @@ def quantize_int8(saved_model: str, calib_nhwc, keep_attention_float: bool, floa
     # fully_quantize=False: float32 model input and output (the input is quantised by the model's first op).
     # With int8 I/O the float classifier's logits would be re-quantised, and clipped, on the way out.
     options = tf.lite.experimental.QuantizationDebugOptions(
-        denylisted_ops=["SOFTMAX", "MUL"], denylisted_nodes=_float_tensors(saved_model, float_keys),
+        denylisted_ops=list(ATTENTION_OPS), denylisted_nodes=_float_tensors(saved_model, float_keys),
         fully_quantize=False)
     debugger = tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=representative,
                                                          debug_options=options)
@@ -61,9 +66,9 @@ def quantize_int8(saved_model: str, calib_nhwc, keep_attention_float: bool, floa
 
 
 def _float_tensors(saved_model: str, float_keys) -> list[str]:
-    """Output names, in the float model, of the ops to keep in float: the RESHAPE after each SOFTMAX and
-    the ADD after each MUL (x*A + x) - named, or they re-quantise the float softmax to 1/256 -, the op
-    that writes the logits, and the ops whose tensor key is in ``float_keys``."""
+    """Output names, in the float model, of the ops to keep in float: the convolution that spreads each
+    attention map over its group's channels (the one reading a DIV) - named, as convolutions are quantised
+    elsewhere -, the op that writes the logits, and the ops whose tensor key is in ``float_keys``."""
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
 
@@ -76,8 +81,7 @@ def _float_tensors(saved_model: str, float_keys) -> list[str]:
     logits = {d["index"] for d in interpreter.get_output_details()}
     wanted = set(float_keys)
     chosen = [names[op["outputs"][0]] for op in ops
-              if (op["op_name"] == "RESHAPE" and any(producer.get(i) == "SOFTMAX" for i in op["inputs"]))
-              or (op["op_name"] == "ADD" and any(producer.get(i) == "MUL" for i in op["inputs"]))
+              if (op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D") and any(producer.get(i) == "DIV" for i in op["inputs"]))
               or logits & set(op["outputs"]) or tensor_key(names[op["outputs"][0]]) in wanted]
     missing = wanted - {tensor_key(name) for name in chosen}
     if missing:

@@ -1,14 +1,19 @@
 """ONNX -> TFLite (LiteRT): fp32 and fp16 with onnx2tf; INT8 with the TFLite converter.
 
+onnx2tf converts an ONNX of its own, exported from the manifest's reference model with ULSAM in its
+``spatial`` form (:func:`ulsam_deploy.nets.ulsam.export_form`): the ONNX Runtime graph's softmax over a
+flattened H*W and its 5-D broadcast of A over each group would each need NCHW <-> NHWC transposes in a
+channels-last graph (10 TRANSPOSE and 14 RESHAPE over four ULSAMs); the spatial form needs none.
+
 onnx2tf runs in a subprocess (:mod:`.onnx2tf_worker`): it rewrites its input in place, may call
 ``sys.exit``, and without a local sample file it downloads one from GitHub, so the worker gets a
 copy of the ONNX in a scratch folder holding our own sample file, and refuses every download.
 
 INT8 is built from the SavedModel onnx2tf writes, calibrated on the same calibration array as the
 ONNX INT8 (NHWC, normalised - the model's own input). The default keeps ULSAM's attention path
-(SOFTMAX, the RESHAPE that follows it, the MUL x*A and the ADD x*A + x) in float: LiteRT's INT8
-softmax has a fixed output scale of 1/256, which leaves attention weights over 16-196 positions
-within a few quantisation steps. It also keeps the classifier (FULLY_CONNECTED) in float with float32
+(REDUCE_MAX, SUB, EXP, SUM, DIV, the convolution that spreads 1 + A over the channels and the MUL x*(1 + A))
+in float: INT8 would leave attention weights over 16-196 positions within a few quantisation steps
+(LiteRT's INT8 softmax has a fixed output scale of 1/256). It also keeps the classifier (FULLY_CONNECTED) in float with float32
 model input and output, so logits beyond the calibrated range are not clipped, and the ops of the
 ``keep_float`` paper layers (located through :mod:`ulsam_deploy.export.layermap` on onnx2tf's float model, whose
 tensor keys the quantised model shares). ``tflite-int8-plain`` is the converter's plain full-integer
@@ -47,14 +52,25 @@ def _require() -> None:
                                  "pip install 'ulsam-deploy[tflite]'")
 
 
-def _onnx2tf(onnx_path: Path) -> Path:
-    """Run onnx2tf once per ONNX (by hash); return its output folder (tflite files + SavedModel)."""
-    digest = hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest()
+def _onnx2tf(reference: Path) -> Path:
+    """Export the reference model's channels-last ONNX and run onnx2tf on it, once per reference (by hash);
+    return onnx2tf's output folder (tflite files + SavedModel)."""
+    from ..nets import load_model
+    from ..nets.ulsam import export_form
+    from .onnx import export_onnx
+
+    digest = hashlib.sha256(Path(reference).read_bytes()).hexdigest()
     if digest in _SAVED:
         return Path(_SAVED[digest].name) / "out"
     scratch = tempfile.TemporaryDirectory(prefix="ulsam-onnx2tf-")
     work = Path(scratch.name)
-    shutil.copy(onnx_path, work / "model.onnx")
+    try:
+        model = load_model(reference)
+        with export_form(model, "spatial"):
+            export_onnx(model, model.spec.input_size, work / "model.onnx")
+    except BaseException:
+        scratch.cleanup()
+        raise
     sample = calibration_set("photos", 128, 20)
     np.save(work / SAMPLE_NAME, sample.preprocessing.denormalise(sample.images))
     try:
@@ -109,7 +125,9 @@ def produce(name: str, manifest, target: Path, calib, keep_float: Sequence[int] 
     layers stay float in ``tflite-int8`` (the plain model is the converter's untouched full-integer one)."""
     _require()
     fmt = FORMATS[name]
-    out = _onnx2tf(manifest.directory / FORMATS["onnx"].filename)
+    from ..store.manifest import REFERENCE
+
+    out = _onnx2tf(manifest.directory / REFERENCE)
     located = _located(out, manifest)
     # the I/O (layout, dtypes, quantisation) is read back by the pipeline; the taps serve `inspect`
     details = {"converter": "onnx2tf", "taps": located["taps"]}

@@ -4,10 +4,18 @@ One depthwise 1x1 conv over all m channels and one grouped 1x1 conv m -> g repla
 loop over g ``SubSpace`` modules; the attention map A (N, g, H, W) is broadcast over an
 (N, g, G, H, W) view of x. Broadcasting keeps the exported graph free of the 5-D Tile that
 ``repeat_interleave`` produces (onnx2tf cannot convert it), and the node count independent of g.
+
+Exports can trace one of two other forms of the same function (see :func:`export_form`), both free of 5-D
+tensors: ``spread`` writes ``x*A + x`` as ``x * (1 + A)``, with ``1 + A`` spread over each group's G channels
+by a 1x1 convolution g -> m (weights 0/1, bias 1; constants outside the state dict) - the ExecuTorch form,
+which XNNPACK takes whole; ``spatial`` also writes the softmax over H*W as max / subtract / exp / sum / divide
+over the two spatial axes, so no op reshapes at all - the form for channels-last converters (onnx2tf), which
+need no transpose for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -31,6 +39,13 @@ class ULSAM(nn.Module):
         self.pool = nn.MaxPool2d(3, stride=1, padding=1)
         self.pw = nn.Conv2d(channels, groups, 1, groups=groups, bias=True)
         self.pw_bn = nn.BatchNorm2d(groups, momentum=OFFICIAL_BN_MOMENTUM)
+        self.form = "broadcast"     # what an export traces; eager always runs the broadcast form
+        # the export forms' channel spread, a 1x1 conv g -> m: output channel c reads group c // G with
+        # weight 1 (bias 1 on top); a constant, not part of the state dict
+        spread = torch.zeros(channels, groups, 1, 1)
+        spread[torch.arange(channels), torch.arange(channels) // (channels // groups)] = 1.0
+        self.register_buffer("spread", spread, persistent=False)
+        self.register_buffer("spread_bias", torch.ones(channels), persistent=False)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """The attention maps A, shape (N, g, H, W); each map sums to 1 over H*W."""
@@ -40,9 +55,22 @@ class ULSAM(nn.Module):
         return torch.softmax(a.flatten(2), dim=-1).view_as(a)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form != "broadcast" and _exporting():
+            return self._export_forward(x)
         a = self.attention(x).unsqueeze(2)                      # (N, g, 1, H, W)
         xg = x.unflatten(1, (self.groups, self.channels // self.groups))  # (N, g, G, H, W)
         return (xg * a + xg).flatten(1, 2)
+
+    def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``spread`` or ``spatial`` form (module docstring); the same values as :meth:`forward`."""
+        a = torch.relu(self.pw_bn(self.pw(self.pool(torch.relu(self.dw_bn(self.dw(x)))))))
+        if self.form == "spatial":
+            e = torch.exp(a - a.amax(dim=(2, 3), keepdim=True))
+            attention = e / e.sum(dim=(2, 3), keepdim=True)                         # (N, g, H, W)
+        else:
+            attention = torch.softmax(a.flatten(2), dim=-1).view_as(a)
+        scale = F.conv2d(attention, self.spread, self.spread_bias)   # (N, m, H, W): 1 + A
+        return x * scale
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, groups={self.groups}"
@@ -50,6 +78,25 @@ class ULSAM(nn.Module):
 
 def _exporting() -> bool:
     return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
+FORMS = ("broadcast", "spread", "spatial")
+
+
+@contextlib.contextmanager
+def export_form(model: nn.Module, form: str):
+    """Within the block, exports of ``model`` trace every ULSAM in ``form`` (see the module docstring)."""
+    if form not in FORMS:
+        raise ValueError(f"unknown ULSAM export form {form!r}; expected one of {', '.join(FORMS)}")
+    modules = [m for m in model.modules() if isinstance(m, ULSAM)]
+    before = [m.form for m in modules]
+    for m in modules:
+        m.form = form
+    try:
+        yield model
+    finally:
+        for m, old in zip(modules, before):
+            m.form = old
 
 
 def max_pool3x3(x: torch.Tensor) -> torch.Tensor:
