@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 
 install: $(STAMP)
 
-MODEL  ?= models/mv2-ulsam-13-14-16-17-g4-fashion
-VS     ?= models/mv2-fashion
+# the headline: Fashion-MNIST at 112 px; VS is MV2 of the same classes and input size (latency only)
+MODEL  ?= models/mv2-ulsam-13-14-16-17-g4-fashion-112
+VS     ?= mv2
 
 demo: install
 	$(BIN)/ulsam-deploy profile --paper
