@@ -7,7 +7,9 @@
 # stage's samples: stages 3 to 5 draw fresh ones.
 # Run again after an interruption: a model continues after its last finished stage (a stage cut short resumes
 # from its last finished epoch); a finished model is left alone. Stages 1-4 write to runs/fashion-112/ (RUNS to
-# change), stage 5 the models to models/ (OUT to change).
+# change), stage 5 the models to models/ (OUT to change). To carry a model's progress to another machine, copy
+# the last finished stage's model.safetensors and README.md to models/<pair>-112/stageN.safetensors and
+# stageN.md: a stage found there counts as finished, and the next stage starts from it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 U=.venv/bin/ulsam-deploy
@@ -28,14 +30,19 @@ stage_dir() {   # pair, stage -> output folder
     if [ "$2" -eq "$LAST" ]; then echo "$OUT/$1-112"; else echo "$RUNS/$1-112-stage$2"; fi
 }
 finished() { [ -f "$1/model.safetensors" ] && [ ! -f "$1/train_state.pt" ]; }
+stage_weights() {   # pair, stage -> the finished stage's weights (folder or carried file), or nothing
+    local dir carried
+    dir=$(stage_dir "$1" "$2") carried="$OUT/$1-112/stage$2.safetensors"
+    if finished "$dir"; then echo "$dir"; elif [ "$2" -lt "$LAST" ] && [ -f "$carried" ]; then echo "$carried"; fi
+}
 for pair in mv2-ulsam-13-14-16-17-g4-fashion mv2-fashion; do
     first=1
     for ((s = LAST; s >= 1; s--)); do
-        if finished "$(stage_dir "$pair" "$s")"; then first=$((s + 1)); break; fi
+        if [ -n "$(stage_weights "$pair" "$s")" ]; then first=$((s + 1)); break; fi
     done
     for ((s = first; s <= LAST; s++)); do
         out=$(stage_dir "$pair" "$s")
-        if [ "$s" -eq 1 ]; then src=models/$pair; else src=$(stage_dir "$pair" $((s - 1))); fi
+        if [ "$s" -eq 1 ]; then src=models/$pair; else src=$(stage_weights "$pair" $((s - 1))); fi
         resume=()
         [ -f "$out/train_state.pt" ] && resume=(--resume)
         log=$(basename "$out")
