@@ -5,7 +5,7 @@
 int8 per-tensor activations) annotates the exported graph, the calibration array of every other INT8 artifact
 (NCHW, normalised - the model input) runs through the observers, ``convert_pt2e`` folds the ranges in.
 
-ULSAM is traced in its ``spatial`` form (:func:`ulsam_deploy.nets.ulsam.export_form`): all of it 4-D, so the
+ULSAM is traced in its ``spread`` form (:func:`ulsam_deploy.nets.ulsam.export_form`): all of it 4-D, so the
 XNNPACK partitioner takes it whole (the broadcast form's ``unsqueeze`` of A to 5-D ran outside the delegate
 and split the network into five delegated subgraphs). As in the ONNX and TFLite recipes, ULSAM's attention
 path stays float: the node filter leaves the softmax's pieces, the convolution that spreads ``1 + A`` over the

@@ -81,7 +81,8 @@ def _float_tensors(saved_model: str, float_keys) -> list[str]:
     logits = {d["index"] for d in interpreter.get_output_details()}
     wanted = set(float_keys)
     chosen = [names[op["outputs"][0]] for op in ops
-              if (op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D") and any(producer.get(i) == "DIV" for i in op["inputs"]))
+              if (op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D")
+                  and any(producer.get(i) == "DIV" for i in op["inputs"]))
               or logits & set(op["outputs"]) or tensor_key(names[op["outputs"][0]]) in wanted]
     missing = wanted - {tensor_key(name) for name in chosen}
     if missing:
