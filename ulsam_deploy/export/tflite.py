@@ -14,9 +14,9 @@ ONNX INT8 (NHWC, normalised - the model's own input). The default keeps ULSAM's 
 (REDUCE_MAX, SUB, EXP, SUM, DIV, the convolution that spreads 1 + A over the channels and the MUL
 x*(1 + A)) in float: INT8 would leave attention weights over 16-196 positions within a few quantisation
 steps (LiteRT's INT8 softmax has a fixed output scale of 1/256). It also keeps the classifier
-(FULLY_CONNECTED) in float with float32 model input and output, so logits beyond the calibrated range are not clipped, and the ops of the
-``keep_float`` paper layers (located through :mod:`ulsam_deploy.export.layermap` on onnx2tf's float model, whose
-tensor keys the quantised model shares). ``tflite-int8-plain`` is the converter's plain full-integer
+(FULLY_CONNECTED) in float with float32 model input and output, so logits beyond the calibrated range
+are not clipped, and the ops of the ``keep_float`` paper layers (located through
+:mod:`ulsam_deploy.export.layermap` on onnx2tf's float model, whose tensor keys the quantised model shares). ``tflite-int8-plain`` is the converter's plain full-integer
 model (int8 I/O), for comparison.
 """
 
