@@ -86,7 +86,7 @@ def bench(options: o.ModelOptions, model: o.ModelPath = None,
     from ..store.manifest import locked
     from ..model.profile import count_layers
     from ..bench.suite import BACKENDS, Subject, formats_for, new_report, run_suite
-    from ..workflow import export_for, parity_for
+    from ..workflow import parity_for
 
     backends = _choices(backend, "--backend", BACKENDS)
     precisions = _choices(precision, "--precision", ("fp32", "fp16", "int8"))

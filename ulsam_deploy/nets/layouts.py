@@ -205,7 +205,7 @@ def _only_backbone(state: State, spec: ModelSpec, library: str) -> None:
 
 
 # --- ours and the official ULSAM layout --------------------------------------------------------------
-_OURS_KEY = re.compile(rf"^(features\.(layer|ulsam)\d+\.[\w.]+|classifier\.(weight|bias))$")
+_OURS_KEY = re.compile(r"^(features\.(layer|ulsam)\d+\.[\w.]+|classifier\.(weight|bias))$")
 
 
 def _official_from_ours(state: State, spec: ModelSpec) -> State:
