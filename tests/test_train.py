@@ -23,4 +23,5 @@ def test_shipped_model_reproduces_its_card(folder, cli):
 def test_every_required_reference_model_ships():
     names = {p.name for p in MODELS}
     assert {"mv2-ulsam-13-14-16-17-g4-digits", "mv2-digits", "mv1-ulsam-8x1-9x1-11-g4-digits",
-            "mv2-ulsam-13-14-16-17-g4-fashion", "mv2-fashion", "mv2-ulsam-13-14-16-17-g4-fashion-112"} <= names
+            "mv2-ulsam-13-14-16-17-g4-fashion", "mv2-fashion", "mv2-ulsam-13-14-16-17-g4-fashion-112",
+            "mv2-fashion-112"} <= names
