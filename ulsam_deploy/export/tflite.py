@@ -16,8 +16,8 @@ x*(1 + A)) in float: INT8 would leave attention weights over 16-196 positions wi
 steps (LiteRT's INT8 softmax has a fixed output scale of 1/256). It also keeps the classifier
 (FULLY_CONNECTED) in float with float32 model input and output, so logits beyond the calibrated range
 are not clipped, and the ops of the ``keep_float`` paper layers (located through
-:mod:`ulsam_deploy.export.layermap` on onnx2tf's float model, whose tensor keys the quantised model shares). ``tflite-int8-plain`` is the converter's plain full-integer
-model (int8 I/O), for comparison.
+:mod:`ulsam_deploy.export.layermap` on onnx2tf's float model, whose tensor keys the quantised model
+shares). ``tflite-int8-plain`` is the converter's plain full-integer model (int8 I/O), for comparison.
 """
 
 from __future__ import annotations
@@ -68,12 +68,8 @@ def _onnx2tf(reference: Path) -> Path:
         model = load_model(reference)
         with export_form(model, "spatial"):
             export_onnx(model, model.spec.input_size, work / "model.onnx")
-    except BaseException:
-        scratch.cleanup()
-        raise
-    sample = calibration_set("photos", 128, 20)
-    np.save(work / SAMPLE_NAME, sample.preprocessing.denormalise(sample.images))
-    try:
+        sample = calibration_set("photos", 128, 20)
+        np.save(work / SAMPLE_NAME, sample.preprocessing.denormalise(sample.images))
         _worker("convert", str(work / "model.onnx"), str(work / "out"), cwd=work)
     except BaseException:   # also Ctrl-C / SIGTERM: leave no scratch folder behind
         scratch.cleanup()

@@ -47,11 +47,15 @@ class ULSAM(nn.Module):
         self.register_buffer("spread", spread, persistent=False)
         self.register_buffer("spread_bias", torch.ones(channels), persistent=False)
 
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
-        """The attention maps A, shape (N, g, H, W); each map sums to 1 over H*W."""
+    def _scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The maps before the softmax, shape (N, g, H, W)."""
         a = torch.relu(self.dw_bn(self.dw(x)))
         a = self.pool(a) if _exporting() else max_pool3x3(a)
-        a = torch.relu(self.pw_bn(self.pw(a)))
+        return torch.relu(self.pw_bn(self.pw(a)))
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention maps A, shape (N, g, H, W); each map sums to 1 over H*W."""
+        a = self._scores(x)
         return torch.softmax(a.flatten(2), dim=-1).view_as(a)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,12 +67,12 @@ class ULSAM(nn.Module):
 
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The ``spread`` or ``spatial`` form (module docstring); the same values as :meth:`forward`."""
-        a = torch.relu(self.pw_bn(self.pw(self.pool(torch.relu(self.dw_bn(self.dw(x)))))))
         if self.form == "spatial":
+            a = self._scores(x)
             e = torch.exp(a - a.amax(dim=(2, 3), keepdim=True))
             attention = e / e.sum(dim=(2, 3), keepdim=True)                         # (N, g, H, W)
         else:
-            attention = torch.softmax(a.flatten(2), dim=-1).view_as(a)
+            attention = self.attention(x)
         scale = F.conv2d(attention, self.spread, self.spread_bias)   # (N, m, H, W): 1 + A
         return x * scale
 
