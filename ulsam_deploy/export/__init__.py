@@ -16,7 +16,9 @@ from ..formats import (CPU_FORMATS, DEFAULT_FORMATS, FORMATS, KEEP_FLOAT_FORMATS
 # Bumped whenever a producer's output changes, so that `export` rebuilds artifacts made by an older recipe.
 # 3: INT8 logits no longer quantised (no clipping at the calibrated range); TFLite entries record their taps.
 # 4: TFLite and ONNX files carry their preprocessing, class names and description (export/describe.py).
-RECIPE = "4"
+# 5: ULSAM in each target's export form (ONNX and ExecuTorch: spread, TFLite: spatial); INT8 quantises the
+#    spread convolution and x * (1 + A) (export/quantize.py).
+RECIPE = "5"
 
 
 def parse_keep_float(text: str) -> tuple[int, ...]:

@@ -249,9 +249,11 @@ def _produce(name: str, request: ExportRequest, manifest: Manifest, calib: DataS
     target = directory / fmt.filename
     spec = request.model.spec
     if name == "onnx":
+        from ..nets.ulsam import export_form
         from .onnx import export_onnx
 
-        return export_onnx(request.model, spec.input_size, target)
+        with export_form(request.model, "spread"):      # 4-D, one node chain per ULSAM: see nets.ulsam
+            return export_onnx(request.model, spec.input_size, target)
     if name in ("onnx-int8", "onnx-int8-trt"):
         from .quantize import quantize_int8
 

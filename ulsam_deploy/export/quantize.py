@@ -7,9 +7,15 @@
   weights, zero points 0, per-channel weights on axis 0 - TensorRT's explicit-quantisation form.
 
 Both come from the same activation ranges (one calibration pass, cached per ONNX + data + method).
-Biases stay float; ULSAM's attention path - the Softmax, the multiply x*A it feeds and the residual add x*A + x -
-stays in float: INT8 would leave attention weights over 16-196 positions within a few
-quantisation steps of each other. The classifier's output (the logits) is not quantised: a logit beyond
+Biases stay float. The ONNX holds ULSAM in its ``spread`` form (:mod:`ulsam_deploy.nets.ulsam`):
+Softmax -> 1x1 conv g -> m (``1 + A`` over each group's channels) -> Mul ``x * (1 + A)``. The conv and the
+Mul are quantised like the rest, so the attention path runs in integer kernels in the layout of the
+convolutions around it (QLinearConv, QLinearMul; ONNX Runtime fuses the Softmax between its Q/DQ pairs
+into QLinearSoftmax) instead of leaving and re-entering INT8 four times per ULSAM. Quantising ``1 + A``
+rather than ``A`` is what keeps the attention: its step, at most (1 + max A) / 255, moves the output
+x * (1 + A) by under 0.3 % of x - below the step of x itself - where attention weights of 1/196-1/16
+alone would sit within a few steps of zero. ``keep_attention_float`` keeps Softmax -> conv -> Mul float
+instead (the TensorRT FP16 source keeps the same nodes float32). The classifier's output (the logits) is not quantised: a logit beyond
 the calibrated maximum would otherwise be clipped to it (digits: 31.27 calibrated, 32.03 in the test split).
 ``keep_float`` paper layers run in float: no Q/DQ on their weights, their inner tensors or their inputs,
 so TensorRT, which runs a layer in INT8 only where its inputs and weights are quantised, keeps them in float too.
@@ -28,11 +34,13 @@ from ..store.fileio import atomic_path
 from . import quiet
 
 METHODS = ("minmax", "entropy", "percentile")
-QUANTIZED_OPS = ["Conv", "Gemm", "Add", "MaxPool", "GlobalAveragePool", "ReduceMean", "Relu", "Clip"]
+QUANTIZED_OPS = ["Conv", "Gemm", "Add", "Mul", "MaxPool", "GlobalAveragePool", "ReduceMean", "Relu", "Clip"]
 
 
 def attention_nodes(model) -> list[str]:
-    """Names of the float attention path of every ULSAM: Softmax -> (Reshape) -> Mul -> Add."""
+    """Names of every ULSAM's attention path after its scores: Softmax -> Reshape -> Conv (1 + A) -> Mul.
+
+    (An ONNX of the broadcast form, from an older export: Softmax -> Reshape -> Mul -> Add.)"""
     consumers: dict[str, list] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -42,15 +50,33 @@ def attention_nodes(model) -> list[str]:
         if node.op_type != "Softmax":
             continue
         keep.append(node.name)
-        frontier = [node]
-        for _ in range(4):   # Softmax -> Reshape -> Mul -> Add, possibly with one more Reshape
+        frontier, spread = [node], False
+        for _ in range(4):
             nxt = [c for n in frontier for out in n.output for c in consumers.get(out, [])
-                   if c.op_type in ("Reshape", "Mul", "Add", "Unsqueeze")]
+                   if c.op_type in ("Reshape", "Unsqueeze", "Conv", "Mul", "Add")]
             keep += [c.name for c in nxt if c.name not in keep]
-            if any(c.op_type == "Add" for c in nxt):
+            spread |= any(c.op_type == "Conv" for c in nxt)
+            if any(c.op_type == "Add" or (spread and c.op_type == "Mul") for c in nxt):
                 break
             frontier = nxt
     return keep
+
+
+def softmax_outputs(model) -> list[str]:
+    """Every Softmax's output tensor, and the reshapes of it up to the op that reads it."""
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    names = []
+    for node in model.graph.node:
+        if node.op_type == "Softmax":
+            tensor = node.output[0]
+            names.append(tensor)
+            while len(consumers.get(tensor, [])) == 1 and consumers[tensor][0].op_type in ("Reshape", "Unsqueeze"):
+                tensor = consumers[tensor][0].output[0]
+                names.append(tensor)
+    return names
 
 
 class _Reader:
@@ -121,7 +147,7 @@ def calibrate(fp32_path: Path, calibration: np.ndarray, method: str, cache: Path
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, method: str = "minmax",
-                  keep_attention_float: bool = True, encoding: str = "ort", keep_float: Sequence[int] = (),
+                  keep_attention_float: bool = False, encoding: str = "ort", keep_float: Sequence[int] = (),
                   reference=None) -> dict:
     """Write the Q/DQ INT8 ONNX of ``fp32_path`` calibrated on ``calibration`` (NCHW float32).
 
@@ -142,6 +168,9 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, meth
     extra = {"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": False,
              "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "Gemm": 0},
              "OpTypesToExcludeOutputQuantization": ["Gemm"]}
+    if not symmetric:   # A over the whole [0, 1] a softmax can reach: see the module docstring
+        whole = [{"rmin": np.float32(0), "rmax": np.float32(1)}]
+        extra["TensorQuantOverrides"] = {name: whole for name in softmax_outputs(model)}
     with quiet():
         cache = ranges_for(fp32_path, calibration, method)
     with atomic_path(out_path) as tmp, quiet():
@@ -152,7 +181,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, meth
                         calibrate_method=_method(method), extra_options=extra, calibration_cache_path=str(cache))
         quantized = onnx.load(str(tmp))
         if layer_nodes:
-            _float_inputs(quantized, set(layer_nodes))
+            _float_inputs(quantized, set(layer_nodes), model)
             onnx.save(quantized, str(tmp))
         onnx.checker.check_model(quantized)
     ops = {}
@@ -193,15 +222,17 @@ def _layer_nodes(fp32_path: Path, model, keep_float: Sequence[int], reference) -
     return [name for k in sorted(keep_float) for name in members[k]] + activations
 
 
-def _float_inputs(model, float_nodes: set[str]) -> None:
+def _float_inputs(model, float_nodes: set[str], fp32_model) -> None:
     """Feed the float nodes the unquantised tensors and drop Q/DQ pairs nothing reads any more.
 
     ``quantize_static`` leaves an excluded node reading the DequantizeLinear output of an input that
     a quantised neighbour shares: the layer would still see INT8-rounded inputs, and TensorRT would
-    still quantise them."""
+    still quantise them. A weight shared with a quantised node (onnxsim merges equal constants, such as
+    the spread convolutions of two ULSAMs of the same width) is read from the float model's copy."""
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
     initialisers = {i.name for i in graph.initializer}
+    originals = {i.name: i for i in fp32_model.graph.initializer}
     for node in graph.node:
         if node.name not in float_nodes:
             continue
@@ -210,6 +241,13 @@ def _float_inputs(model, float_nodes: set[str]) -> None:
             q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
             if q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in initialisers:
                 node.input[i] = q.input[0]
+            elif dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in initialisers:
+                weight = dq.input[0].removesuffix("_quantized")
+                if weight in originals:
+                    if weight not in initialisers:
+                        graph.initializer.append(originals[weight])
+                        initialisers.add(weight)
+                    node.input[i] = weight
     while True:   # a Q/DQ whose output nothing (and no graph output) reads any more
         read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
         dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")

@@ -1,21 +1,22 @@
 """ONNX -> TFLite (LiteRT): fp32 and fp16 with onnx2tf; INT8 with the TFLite converter.
 
 onnx2tf converts an ONNX of its own, exported from the manifest's reference model with ULSAM in its
-``spatial`` form (:func:`ulsam_deploy.nets.ulsam.export_form`): the ONNX Runtime graph's softmax over a
-flattened H*W and its 5-D broadcast of A over each group would each need NCHW <-> NHWC transposes in a
-channels-last graph (10 TRANSPOSE and 14 RESHAPE over four ULSAMs); the spatial form needs none.
+``spatial`` form (:func:`ulsam_deploy.nets.ulsam.export_form`): the softmax over a flattened H*W of the
+ONNX Runtime graph (``spread`` form) would need NCHW <-> NHWC transposes in a channels-last graph (with the
+eager form's 5-D broadcast of A: 10 TRANSPOSE and 14 RESHAPE over four ULSAMs); the spatial form needs none.
 
 onnx2tf runs in a subprocess (:mod:`.onnx2tf_worker`): it rewrites its input in place, may call
 ``sys.exit``, and without a local sample file it downloads one from GitHub, so the worker gets a
 copy of the ONNX in a scratch folder holding our own sample file, and refuses every download.
 
 INT8 is built from the SavedModel onnx2tf writes, calibrated on the same calibration array as the
-ONNX INT8 (NHWC, normalised - the model's own input). The default keeps ULSAM's attention path
-(REDUCE_MAX, SUB, EXP, SUM, DIV, the convolution that spreads 1 + A over the channels and the MUL
-x*(1 + A)) in float: INT8 would leave attention weights over 16-196 positions within a few quantisation
-steps (LiteRT's INT8 softmax has a fixed output scale of 1/256). It also keeps the classifier
-(FULLY_CONNECTED) in float with float32 model input and output, so logits beyond the calibrated range
-are not clipped, and the ops of the ``keep_float`` paper layers (located through
+ONNX INT8 (NHWC, normalised - the model's own input). The default keeps ULSAM's softmax over H*W
+(REDUCE_MAX, SUB, EXP, SUM, DIV) in float: in INT8 it would leave attention weights over 16-196 positions
+within a few quantisation steps (LiteRT's INT8 softmax has a fixed output scale of 1/256), and XNNPACK
+does not take INT8 EXP or DIV. The convolution that spreads 1 + A over the channels and the MUL
+x * (1 + A) are INT8, as in the ONNX INT8 (:mod:`.quantize`), so x stays INT8 through ULSAM. It also
+keeps the classifier (FULLY_CONNECTED) in float with float32 model input and output, so logits beyond the
+calibrated range are not clipped, and the ops of the ``keep_float`` paper layers (located through
 :mod:`ulsam_deploy.export.layermap` on onnx2tf's float model, whose tensor keys the quantised model
 shares). ``tflite-int8-plain`` is the converter's plain full-integer model (int8 I/O), for comparison.
 """

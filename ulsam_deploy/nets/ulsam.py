@@ -7,10 +7,11 @@ loop over g ``SubSpace`` modules; the attention map A (N, g, H, W) is broadcast 
 
 Exports can trace one of two other forms of the same function (see :func:`export_form`), both free of 5-D
 tensors: ``spread`` writes ``x*A + x`` as ``x * (1 + A)``, with ``1 + A`` spread over each group's G channels
-by a 1x1 convolution g -> m (weights 0/1, bias 1; constants outside the state dict) - the ExecuTorch form,
-which XNNPACK takes whole; ``spatial`` also writes the softmax over H*W as max / subtract / exp / sum / divide
-over the two spatial axes, so no op reshapes at all - the form for channels-last converters (onnx2tf), which
-need no transpose for it.
+by a 1x1 convolution g -> m (weights 0/1, bias 1; constants outside the state dict) - the ONNX and ExecuTorch
+form: XNNPACK takes it whole, ONNX Runtime keeps x in its blocked (fp32) or channels-last (INT8) layout through
+the conv and the Mul, and INT8 quantises 1 + A instead of A; ``spatial`` also writes the softmax over H*W
+as max / subtract / exp / sum / divide over the two spatial axes, so no op reshapes at all - the form for
+channels-last converters (onnx2tf), which need no transpose for it.
 """
 
 from __future__ import annotations

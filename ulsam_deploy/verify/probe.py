@@ -6,9 +6,9 @@ the artifact if those logits equal the Runner's bit for bit; callers check that 
 
 * ONNX Runtime: the tapped tensors become graph outputs (the artifact file is otherwise untouched) and
   the session takes the Runner's own session options. On a Q/DQ graph a tap reads the value the next
-  layer consumes (the DequantizeLinear output) where that leaves ONNX Runtime's kernel fusion as it
-  is; where exposing it would change the fused graph (and so the numbers), it reads the float tensor
-  before quantisation instead, and says so.
+  layer consumes (the DequantizeLinear output, also where a reshape sits between the tensor and its
+  quantisation) where that leaves ONNX Runtime's kernel fusion as it is; where exposing it would change
+  the fused graph (and so the numbers), it reads the float tensor before quantisation instead, and says so.
 * LiteRT: the Runner's interpreter opened with ``experimental_preserve_all_tensors``; XNNPACK stays on
   (it writes the tensors it computes), INT8 tensors are dequantised with their own scale and zero point.
 """
@@ -26,6 +26,7 @@ from ..export.layermap import tensor_key, to_eager_layout
 from ..runtime import open_artifact
 
 POST_Q, PRE_Q, FLOAT = "post-quantisation", "pre-quantisation", "float"
+RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
 
 class OnnxProbe:
@@ -43,8 +44,11 @@ class OnnxProbe:
                 consumers.setdefault(name, []).append(node)
         self.locations, self.choices = locations, {}
         for key, where in locations.items():
-            tensor = where["tensor"]
-            dq = [c.output[0] for q in consumers.get(tensor, []) if q.op_type == "QuantizeLinear"
+            tensor = quantised = where["tensor"]
+            # a reshape does not change values: the softmax's (N, g, H*W) is quantised as the (N, g, H, W) after it
+            while len(consumers.get(quantised, [])) == 1 and consumers[quantised][0].op_type in RESHAPES:
+                quantised = consumers[quantised][0].output[0]
+            dq = [c.output[0] for q in consumers.get(quantised, []) if q.op_type == "QuantizeLinear"
                   for c in consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"]
             # before quantisation only where the quantiser kept the float graph's producer: where it folded
             # a Relu/Clip into the Q/DQ range, the tensor of that name holds the values before the activation
