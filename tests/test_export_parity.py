@@ -76,6 +76,27 @@ def test_ort_int8_is_u8s8_with_per_channel_weights(exported):
             assert inits[weight.input[1]].shape == (inits[weight.input[0]].shape[0],)
 
 
+def test_ort_int8_quantises_attention_over_the_whole_softmax_range(exported):
+    """x * (1 + A) runs on INT8 inputs; A's quantisation covers [0, 1], as ONNX Runtime's fused QLinearSoftmax
+    wraps a value beyond its output range round to 0 instead of saturating (a calibrated range would do that
+    to any sharper map than calibration saw)."""
+    from ulsam_deploy.export.quantize import softmax_outputs
+
+    _, out, _ = exported
+    model, inits, producers = _qdq(out / "model.int8.onnx")
+    consumers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    muls = [n for n in model.graph.node if n.op_type == "Mul"]
+    assert len(muls) == 4 and all(producers[i].op_type == "DequantizeLinear" for n in muls for i in n.input)
+    quantised = [q for name in softmax_outputs(model) for q in consumers.get(name, []) if q.op_type == "QuantizeLinear"]
+    assert len(quantised) == 4
+    for q in quantised:
+        scale, zero = float(inits[q.input[1]]), int(inits[q.input[2]])
+        assert zero == 0 and scale * 255 >= 1.0 - 1e-6, q.name
+
+
 def test_int8_qdq_is_symmetric_per_channel_and_keeps_softmax_float(exported):
     _, out, _ = exported
     model = onnx.load(str(out / "model.int8.trt.onnx"))

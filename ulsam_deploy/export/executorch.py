@@ -7,9 +7,10 @@ int8 per-tensor activations) annotates the exported graph, the calibration array
 
 ULSAM is traced in its ``spread`` form (:func:`ulsam_deploy.nets.ulsam.export_form`): all of it 4-D, so the
 XNNPACK partitioner takes it whole (the broadcast form's ``unsqueeze`` of A to 5-D ran outside the delegate
-and split the network into five delegated subgraphs). As in the ONNX and TFLite recipes, ULSAM's attention
-path stays float: the node filter leaves the softmax's pieces, the convolution that spreads ``1 + A`` over the
-channels and the multiply ``x * (1 + A)`` of every ULSAM unannotated.
+and split the network into five delegated subgraphs). As in the TFLite recipe, ULSAM's attention path stays
+float: the node filter leaves the softmax's pieces, the convolution that spreads ``1 + A`` over the channels
+and the multiply ``x * (1 + A)`` of every ULSAM unannotated. (XNNPACK runs them inside the delegate and timed
+an INT8 spread and multiply the same; ONNX Runtime, where they save layout changes, quantises them.)
 The classifier (``nn.Linear``) stays float, so the logits are never clipped at the calibrated range, and so
 do the ``keep_float`` paper layers with the op that writes each one's input (walked back through activations
 and views to the op that computes it): otherwise the float layer would read a tensor rounded to INT8.

@@ -17,10 +17,9 @@ import os
 import sys
 
 
-# ULSAM's softmax over H*W in its spatial form; the backbones use none of these ops, so denying them by type
-# keeps exactly the softmax in float. The convolution that spreads 1 + A over the channels and the MUL
-# x * (1 + A) are quantised: 1 + A in [1, 2) keeps its INT8 step near 0.5 % of itself, where A alone would not.
-ATTENTION_OPS = ("REDUCE_MAX", "SUB", "EXP", "SUM", "DIV")
+# ULSAM's attention path in its spatial form (the softmax over H*W and x * (1 + A)); the backbones use none
+# of these ops, so denying them by type keeps exactly the attention path in float.
+ATTENTION_OPS = ("REDUCE_MAX", "SUB", "EXP", "SUM", "DIV", "MUL")
 
 
 def convert(onnx_path: str, out_dir: str) -> int:
@@ -67,8 +66,9 @@ def quantize_int8(saved_model: str, calib_nhwc, keep_attention_float: bool, floa
 
 
 def _float_tensors(saved_model: str, float_keys) -> list[str]:
-    """Output names, in the float model, of the ops to keep in float: the op that writes the logits and
-    the ops whose tensor key is in ``float_keys``."""
+    """Output names, in the float model, of the ops to keep in float: the convolution that spreads each
+    attention map over its group's channels (the one reading a DIV) - named, as convolutions are quantised
+    elsewhere -, the op that writes the logits, and the ops whose tensor key is in ``float_keys``."""
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter
 
@@ -77,10 +77,13 @@ def _float_tensors(saved_model: str, float_keys) -> list[str]:
     interpreter = Interpreter(model_content=tf.lite.TFLiteConverter.from_saved_model(str(saved_model)).convert())
     names = {d["index"]: d["name"] for d in interpreter.get_tensor_details()}
     ops = interpreter._get_ops_details()   # no public equivalent lists op inputs/outputs
+    producer = {out: op["op_name"] for op in ops for out in op["outputs"]}
     logits = {d["index"] for d in interpreter.get_output_details()}
     wanted = set(float_keys)
     chosen = [names[op["outputs"][0]] for op in ops
-              if logits & set(op["outputs"]) or tensor_key(names[op["outputs"][0]]) in wanted]
+              if (op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D")
+                  and any(producer.get(i) == "DIV" for i in op["inputs"]))
+              or logits & set(op["outputs"]) or tensor_key(names[op["outputs"][0]]) in wanted]
     missing = wanted - {tensor_key(name) for name in chosen}
     if missing:
         raise SystemExit(f"no op writes {sorted(missing)[0]!r} in the converter's float model")

@@ -12,10 +12,13 @@ Softmax -> 1x1 conv g -> m (``1 + A`` over each group's channels) -> Mul ``x * (
 Mul are quantised like the rest, so the attention path runs in integer kernels in the layout of the
 convolutions around it (QLinearConv, QLinearMul; ONNX Runtime fuses the Softmax between its Q/DQ pairs
 into QLinearSoftmax) instead of leaving and re-entering INT8 four times per ULSAM. Quantising ``1 + A``
-rather than ``A`` is what keeps the attention: its step, at most (1 + max A) / 255, moves the output
-x * (1 + A) by under 0.3 % of x - below the step of x itself - where attention weights of 1/196-1/16
-alone would sit within a few steps of zero. ``keep_attention_float`` keeps Softmax -> conv -> Mul float
-instead (the TensorRT FP16 source keeps the same nodes float32). The classifier's output (the logits) is not quantised: a logit beyond
+rather than ``A`` is what keeps the attention: ``1 + A`` lies in [1, 2], so its rounding (a step of at most
+2/255) moves x * (1 + A) by at most 0.4 % of x, where attention weights of 1/196-1/16 alone would sit within
+a few steps of zero. In the U8S8 file A itself is quantised over [0, 1], whatever calibration saw: ONNX
+Runtime's QLinearSoftmax (1.31) wraps a value beyond its output range round to 0 instead of saturating, so a
+map sharper than any in the calibration set would lose its attention. ``keep_attention_float`` keeps
+Softmax -> conv -> Mul float instead (the TensorRT FP16 source keeps the same nodes float32).
+The classifier's output (the logits) is not quantised: a logit beyond
 the calibrated maximum would otherwise be clipped to it (digits: 31.27 calibrated, 32.03 in the test split).
 ``keep_float`` paper layers run in float: no Q/DQ on their weights, their inner tensors or their inputs,
 so TensorRT, which runs a layer in INT8 only where its inputs and weights are quantised, keeps them in float too.
@@ -168,7 +171,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, meth
     extra = {"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": False,
              "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "Gemm": 0},
              "OpTypesToExcludeOutputQuantization": ["Gemm"]}
-    if not symmetric:   # A over the whole [0, 1] a softmax can reach: see the module docstring
+    if not symmetric:   # A over the whole [0, 1] a softmax can reach (QLinearSoftmax): see the module docstring
         whole = [{"rmin": np.float32(0), "rmax": np.float32(1)}]
         extra["TensorQuantOverrides"] = {name: whole for name in softmax_outputs(model)}
     with quiet():
