@@ -83,6 +83,8 @@ def test_ort_int8_quantises_attention_over_the_whole_softmax_range(exported):
     from ulsam_deploy.export.quantize import softmax_outputs
 
     _, out, _ = exported
+    entry = Manifest.load(out).artifacts["onnx-int8"]
+    assert entry["attention_path"].startswith("softmax float") and entry["attention_range"] == "[0, 1]"
     model, inits, producers = _qdq(out / "model.int8.onnx")
     consumers = {}
     for node in model.graph.node:

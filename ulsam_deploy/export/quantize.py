@@ -193,7 +193,8 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, meth
     return {"method": method, "encoding": "S8S8 symmetric (TensorRT)" if symmetric else "U8S8 (ONNX Runtime x86)",
             "activations_symmetric": symmetric, "per_channel": True, "format": "QDQ",
             "float_nodes": float_nodes, "keep_float": sorted(keep_float), "logits": "float",
-            "ops": dict(sorted(ops.items()))}
+            "attention_path": "float" if keep_attention_float else "softmax float, 1 + A and x * (1 + A) int8",
+            "attention_range": "calibrated" if symmetric else "[0, 1]", "ops": dict(sorted(ops.items()))}
 
 
 def _layer_nodes(fp32_path: Path, model, keep_float: Sequence[int], reference) -> list[str]:
