@@ -17,9 +17,9 @@ rather than ``A`` is what keeps the attention: ``1 + A`` lies in [1, 2], so its 
 a few steps of zero. In the U8S8 file A itself is quantised over [0, 1], whatever calibration saw: ONNX
 Runtime's QLinearSoftmax (1.31) wraps a value beyond its output range round to 0 instead of saturating, so a
 map sharper than any in the calibration set would lose its attention. ``keep_attention_float`` keeps
-Softmax -> conv -> Mul float instead (the TensorRT FP16 source keeps the same nodes float32).
-The classifier's output (the logits) is not quantised: a logit beyond
-the calibrated maximum would otherwise be clipped to it (digits: 31.27 calibrated, 32.03 in the test split).
+Softmax -> conv -> Mul float instead (the TensorRT FP16 source keeps the same nodes float32). The
+classifier's output (the logits) is not quantised: a logit beyond the calibrated maximum would otherwise be
+clipped to it (digits: 31.27 calibrated, 32.03 in the test split).
 ``keep_float`` paper layers run in float: no Q/DQ on their weights, their inner tensors or their inputs,
 so TensorRT, which runs a layer in INT8 only where its inputs and weights are quantised, keeps them in float too.
 """
