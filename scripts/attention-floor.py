@@ -77,8 +77,7 @@ def main() -> None:
         for precision in ("fp32", "int8"):
             runners = [open_artifact(files[n][precision], "onnxruntime", precision, args.threads) for n in models]
             for runner in runners:
-                for _ in range(20):
-                    runner(x)
+                time_calls(lambda: runner(x), PER_ROUND)   # warm-up
             rounds = max(1, args.calls // PER_ROUND)
             p50 = np.zeros((rounds, len(runners)))
             for i in range(rounds):

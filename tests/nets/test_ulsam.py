@@ -120,7 +120,7 @@ def test_export_forms_equal_eager(tmp_path, shape, groups, form):
     _randomise(module, seed=m + g)
     module.eval()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(5)) * 2
-    path = tmp_path / "spatial.onnx"
+    path = tmp_path / f"{form}.onnx"
     with export_form(module, form):
         torch.onnx.export(module, (x,), str(path), dynamo=True, external_data=False, opset_version=18, verbose=False)
     assert module.form == "broadcast"

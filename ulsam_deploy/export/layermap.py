@@ -188,6 +188,27 @@ def onnx_nodes(graph) -> list[tuple[str, list[str], list[str]]]:
     return [(node.name, list(node.input), list(node.output)) for node in graph.node]
 
 
+RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")   # ops that move no value
+
+
+def onnx_consumers(graph) -> dict[str, list]:
+    """Tensor name -> the nodes that read it, in graph order."""
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
+def through_reshapes(tensor: str, consumers: dict[str, list]) -> list[str]:
+    """``tensor``, then each reshape of it while a reshape is the only reader: the same values throughout
+    (the softmax's (N, g, H*W) and the (N, g, H, W) after it)."""
+    names = [tensor]
+    while len(consumers.get(names[-1], [])) == 1 and consumers[names[-1]][0].op_type in RESHAPES:
+        names.append(consumers[names[-1]][0].output[0])
+    return names
+
+
 # --- TFLite --------------------------------------------------------------------------------------
 def tensor_key(name: str) -> str:
     """A TFLite op output's name without its last ``;`` part: the same in the float and the quantised

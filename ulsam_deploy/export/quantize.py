@@ -44,10 +44,9 @@ def attention_nodes(model) -> list[str]:
     """Names of every ULSAM's attention path after its scores: Softmax -> Reshape -> Conv (1 + A) -> Mul.
 
     (An ONNX of the broadcast form, from an older export: Softmax -> Reshape -> Mul -> Add.)"""
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    from .layermap import onnx_consumers
+
+    consumers = onnx_consumers(model.graph)
     keep: list[str] = []
     for node in model.graph.node:
         if node.op_type != "Softmax":
@@ -67,19 +66,11 @@ def attention_nodes(model) -> list[str]:
 
 def softmax_outputs(model) -> list[str]:
     """Every Softmax's output tensor, and the reshapes of it up to the op that reads it."""
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    names = []
-    for node in model.graph.node:
-        if node.op_type == "Softmax":
-            tensor = node.output[0]
-            names.append(tensor)
-            while len(consumers.get(tensor, [])) == 1 and consumers[tensor][0].op_type in ("Reshape", "Unsqueeze"):
-                tensor = consumers[tensor][0].output[0]
-                names.append(tensor)
-    return names
+    from .layermap import onnx_consumers, through_reshapes
+
+    consumers = onnx_consumers(model.graph)
+    return [name for node in model.graph.node if node.op_type == "Softmax"
+            for name in through_reshapes(node.output[0], consumers)]
 
 
 class _Reader:

@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputFileError
-from ..export.layermap import tensor_key, to_eager_layout
+from ..export.layermap import onnx_consumers, tensor_key, through_reshapes, to_eager_layout
 from ..runtime import open_artifact
 
 POST_Q, PRE_Q, FLOAT = "post-quantisation", "pre-quantisation", "float"
-RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
 
 class OnnxProbe:
@@ -38,16 +37,11 @@ class OnnxProbe:
         graph = self.model.graph
         names = {out for node in graph.node for out in node.output}
         producer = {out: node.op_type for node in graph.node for out in node.output}
-        consumers: dict[str, list] = {}
-        for node in graph.node:
-            for name in node.input:
-                consumers.setdefault(name, []).append(node)
+        consumers = onnx_consumers(graph)
         self.locations, self.choices = locations, {}
         for key, where in locations.items():
-            tensor = quantised = where["tensor"]
-            # a reshape does not change values: the softmax's (N, g, H*W) is quantised as the (N, g, H, W) after it
-            while len(consumers.get(quantised, [])) == 1 and consumers[quantised][0].op_type in RESHAPES:
-                quantised = consumers[quantised][0].output[0]
+            tensor = where["tensor"]
+            quantised = through_reshapes(tensor, consumers)[-1]   # a reshape may sit before the quantisation
             dq = [c.output[0] for q in consumers.get(quantised, []) if q.op_type == "QuantizeLinear"
                   for c in consumers.get(q.output[0], []) if c.op_type == "DequantizeLinear"]
             # before quantisation only where the quantiser kept the float graph's producer: where it folded
