@@ -139,27 +139,3 @@ def test_unknown_export_form_is_refused():
     with pytest.raises(ValueError, match="unknown ULSAM export form"):
         with export_form(ULSAM(8, 2), "nhwc"):
             pass
-
-
-def test_attention_floor_script_removes_only_the_ulsams():
-    """scripts/attention-floor.py's floor: the same network, each ULSAM an identity, the model itself untouched."""
-    import importlib.util
-    from pathlib import Path
-
-    from ulsam_deploy.model.spec import ModelSpec
-    from ulsam_deploy.nets.build import build_model
-
-    path = Path(__file__).resolve().parents[2] / "scripts" / "attention-floor.py"
-    module_spec = importlib.util.spec_from_file_location("attention_floor", path)
-    script = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(script)
-    model = build_model(ModelSpec.parse("mv2", "13,14,16,17", 4, num_classes=10, input_size=64)).eval()
-    floor = script.floor_of(model).eval()
-    assert sum(isinstance(m, ULSAM) for m in model.modules()) == 4
-    assert not any(isinstance(m, ULSAM) for m in floor.modules())
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, ULSAM):
-                module.forward = lambda t: t          # the floor by hand: ULSAM passes x through
-        assert torch.equal(floor(x), model(x))

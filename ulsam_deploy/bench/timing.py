@@ -1,7 +1,8 @@
 """The one place that times things: warm-up, then timed runs with ``perf_counter_ns``.
 
 Backend-agnostic: it receives Runners. ``interleaved`` alternates two runners round by round
-(A B A B ...) so that drift in machine load hits both alike; ratios are taken per round.
+(A B A B ...) so that drift in machine load hits both alike; ratios are taken per round. ``alternate`` does
+the same for any number of calls.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -62,19 +63,29 @@ class Ratio:
     rounds: int
 
 
+def alternate(calls: Sequence[Callable[[], object]], per_round: int, rounds: int, reverse: bool = False
+              ) -> list[list[list[float]]]:
+    """Milliseconds of ``per_round`` consecutive calls of each of ``calls``, round after round:
+    ``samples[round][i]`` for ``calls[i]``. Within a round the calls take turns (in reverse order every other
+    round when ``reverse``), so that drift in machine load hits all of them alike."""
+    samples = []
+    for r in range(rounds):
+        order = range(len(calls)) if not (reverse and r % 2) else reversed(range(len(calls)))
+        round_ = [[] for _ in calls]
+        for i in order:
+            round_[i] = time_calls(calls[i], per_round)
+        samples.append(round_)
+    return samples
+
+
 def interleaved(a: Runner, b: Runner, batch: np.ndarray, warmup: int, runs: int, rounds: int = 10
                 ) -> tuple[LatencyStats, LatencyStats, Ratio]:
     """Time ``a`` and ``b`` alternately in ``rounds`` blocks of runs/rounds calls each."""
-    per_round = max(1, runs // rounds)
     time_calls(lambda: a(batch), warmup)
     time_calls(lambda: b(batch), warmup)
-    all_a, all_b, ratios = [], [], []
-    for _ in range(rounds):
-        sa = time_calls(lambda: a(batch), per_round)
-        sb = time_calls(lambda: b(batch), per_round)
-        all_a += sa
-        all_b += sb
-        ratios.append(statistics.median(sa) / statistics.median(sb))
+    samples = alternate([lambda: a(batch), lambda: b(batch)], max(1, runs // rounds), rounds)
+    ratios = [statistics.median(sa) / statistics.median(sb) for sa, sb in samples]
     low, med, high = np.percentile(ratios, [10, 50, 90])
-    return (LatencyStats.from_samples(all_a, warmup), LatencyStats.from_samples(all_b, warmup),
+    return (LatencyStats.from_samples([t for sa, _ in samples for t in sa], warmup),
+            LatencyStats.from_samples([t for _, sb in samples for t in sb], warmup),
             Ratio(float(med), float(low), float(high), rounds))
