@@ -104,6 +104,36 @@ def test_pte_agrees_with_eager_without_our_runners(et_export, tmp_path):
 
 
 @pytest.mark.slow
+def test_thread_count_changes_never_strand_a_program(et_export, tmp_path):
+    """ExecuTorch's thread pool is process-wide and replaced on resize: runners resize it before they load, and a
+    resize under an open program is refused in one line - that program still runs. (Resizing after the load hung
+    or aborted most runs once torch had worked in the process.)"""
+    _, out = et_export
+    script = textwrap.dedent(f"""
+        import numpy as np, torch
+        from ulsam_deploy.errors import UlsamError
+        from ulsam_deploy.runtime import open_artifact
+        torch.nn.Conv2d(3, 64, 3)(torch.randn(8, 3, 64, 64))           # torch's own pools at work first
+        x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+        for threads in (1, 2, 1, 2, 1, 2):
+            for name in ("model_fp32.pte", "model_int8.pte"):
+                runner = open_artifact({str(out)!r} + "/" + name, "executorch", "fp32", threads)
+                assert np.isfinite(runner(x)).all()
+                runner.close()
+        held = open_artifact({str(out)!r} + "/model_fp32.pte", "executorch", "fp32", 1)
+        try:
+            open_artifact({str(out)!r} + "/model_int8.pte", "executorch", "int8", 2)
+            raise SystemExit("a resize under an open program was not refused")
+        except UlsamError as exc:
+            assert "same --threads" in exc.one_line(), exc.one_line()
+        assert np.isfinite(held(x)).all()
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (proc.returncode, proc.stderr[-2000:])
+
+
+@pytest.mark.slow
 def test_inspect_skips_executorch_with_a_note(et_export, cli):
     _, out = et_export
     code, stdout, err = cli("inspect", "--export", out, "--data", "digits", "--images", "32", "--json")

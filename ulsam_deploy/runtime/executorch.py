@@ -2,18 +2,21 @@
 
 The programs are exported for batch 1 (what a phone runs), so a larger batch runs image by image.
 Threads: the XNNPACK delegate runs on ExecuTorch's one process-wide thread pool, which the Python runtime
-resizes only through ``_unsafe_reset_threadpool`` (experimental); it is resized when a runner asks for another
-count, like ``torch.set_num_threads`` for the eager runner, so two runners in one process share one count.
+resizes only through ``_unsafe_reset_threadpool`` (experimental): it replaces the pool, and every program loaded
+before keeps running on the freed one (``--threads 1`` after a load hung or aborted in 4 of 5 runs). So the pool
+is resized before the runner loads its program, and never while another runner's program is open: runners in
+one process share one count, as eager runners share ``torch.set_num_threads``.
 """
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import InputFileError
+from ..errors import InputFileError, UlsamError
 from .base import quiet_fd2
 
 with quiet_fd2():   # torchao, imported by the runtime, logs that its CUDA kernels are absent
@@ -31,17 +34,28 @@ def load_method(path: Path):
         raise InputFileError(f"ExecuTorch cannot load {Path(path).name}: {str(exc).splitlines()[0][:200]}") from None
 
 
+_OPEN: "weakref.WeakSet[ExecuTorchRunner]" = weakref.WeakSet()   # runners whose program holds the pool
+
+
 def set_threads(threads: int) -> None:
-    """Resize the process-wide thread pool the XNNPACK delegate runs on (0: leave the runtime's default)."""
-    if threads and portable_lib._threadpool_get_thread_count() != threads:
-        portable_lib._unsafe_reset_threadpool(threads)
+    """Resize the process-wide thread pool the XNNPACK delegate runs on (0: leave the runtime's default);
+    refused while a runner's program, which holds the current pool, is open."""
+    current = portable_lib._threadpool_get_thread_count()
+    if not threads or current == threads:
+        return
+    if any(runner.method is not None for runner in _OPEN):
+        raise UlsamError(f"ExecuTorch runs every program of a process on one thread pool, in use with {current} "
+                         f"threads by an open program; {threads} threads need it closed first",
+                         "give every ExecuTorch runner of one process the same --threads")
+    portable_lib._unsafe_reset_threadpool(threads)
 
 
 class ExecuTorchRunner:
     def __init__(self, path: Path, precision: str = "fp32", threads: int = 0):
+        set_threads(threads)                       # before the load: the delegate keeps the pool it finds
         self._program, self.method = load_method(path)
+        _OPEN.add(self)
         self.batch = int(self.method.metadata.input_tensor_meta(0).sizes()[0])
-        set_threads(threads)
         self.name = f"executorch-{precision}"
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
