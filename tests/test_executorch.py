@@ -131,6 +131,7 @@ def test_thread_count_changes_never_strand_a_program(et_export, tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (proc.returncode, proc.stderr[-2000:])
+    assert "threadpool" not in proc.stderr and "cpuinfo" not in proc.stderr, proc.stderr[-2000:]   # runtime logs
 
 
 @pytest.mark.slow

@@ -5,13 +5,10 @@ import json
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 
 from ulsam_deploy.store.manifest import Manifest
-from ulsam_deploy.nets import build_model, save_checkpoint
 from ulsam_deploy.nets.build import sha256_file
-from ulsam_deploy.model.spec import ModelSpec
 
 from small_models import SPEC, model_file as _model_file  # noqa: E402
 

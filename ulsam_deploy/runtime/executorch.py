@@ -40,14 +40,16 @@ _OPEN: "weakref.WeakSet[ExecuTorchRunner]" = weakref.WeakSet()   # runners whose
 def set_threads(threads: int) -> None:
     """Resize the process-wide thread pool the XNNPACK delegate runs on (0: leave the runtime's default);
     refused while a runner's program, which holds the current pool, is open."""
-    current = portable_lib._threadpool_get_thread_count()
+    with quiet_fd2():   # the first call makes the pool, whose CPU probe prints to fd 2
+        current = portable_lib._threadpool_get_thread_count()
     if not threads or current == threads:
         return
     if any(runner.method is not None for runner in _OPEN):
         raise UlsamError(f"ExecuTorch runs every program of a process on one thread pool, in use with {current} "
                          f"threads by an open program; {threads} threads need it closed first",
                          "give every ExecuTorch runner of one process the same --threads")
-    portable_lib._unsafe_reset_threadpool(threads)
+    with quiet_fd2():
+        portable_lib._unsafe_reset_threadpool(threads)
 
 
 class ExecuTorchRunner:
