@@ -51,12 +51,14 @@ def test_floor_removes_only_the_ulsams():
     (["--groups", "x"], "invalid int value"),
     (["--keep", "."], "name a new folder"),
 ])
-def test_refuses_what_it_cannot_time_in_one_line(args, says, tmp_path):
+def test_refuses_what_it_cannot_time_in_one_line(args, says, tmp_path, capsys):
     """Bad arguments: one line on stderr, exit 2, before anything is exported."""
-    done = _run(*args, *([] if "--keep" in args else ["--keep", str(tmp_path / "kept")]))
-    assert done.returncode == 2, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], done.stderr
+    with pytest.raises(SystemExit) as exited:
+        _script().main([*args, *([] if "--keep" in args else ["--keep", str(tmp_path / "kept")])])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], err
     assert not (tmp_path / "kept").exists()
 
 
