@@ -23,10 +23,6 @@ def _script():
     return script
 
 
-def _run(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
-
-
 def test_floor_removes_only_the_ulsams():
     """The floor: the same network, each ULSAM an identity, the model itself untouched."""
     model = build_model(ModelSpec.parse("mv2", "13,14,16,17", 4, num_classes=10, input_size=64)).eval()
@@ -69,7 +65,8 @@ def test_pipeline_floor_artifacts_compute_the_floor(tmp_path):
     from ulsam_deploy.runtime import open_artifact
 
     kept = tmp_path / "kept"
-    done = _run("--backend", "executorch", "--input-size", "32", "--calls", "20", "--keep", str(kept), timeout=900)
+    done = subprocess.run([sys.executable, str(SCRIPT), "--backend", "executorch", "--input-size", "32", "--calls",
+                           "20", "--keep", str(kept)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "executorch   int8" in done.stdout
     spec = ModelSpec.parse("mv2", "13,14,16,17", 4, input_size=32)
