@@ -97,6 +97,24 @@ def test_keep_float_auto_repairs_planted_outlier(trained, cli, tmp_path, spec, l
     assert code == 0 and after["onnx-int8"]["passed"]
 
 
+@pytest.mark.slow   # trains a small model first (the session's `trained` fixture)
+def test_keep_float_auto_without_a_passing_artifact_exits_1(trained, cli, tmp_path):
+    """A search that ends with the gate still failing says so in one line, exits 1 and marks the artifact."""
+    ckpt = planted_file(trained(MV2), tmp_path, 4)
+    out = tmp_path / "exp"
+    code, stdout, err = cli("export", "--model", ckpt, "--formats", "onnx,onnx-int8", "--calib", "digits",
+                            "--calib-samples", "64", "--out", out, "--keep-float", "auto", "--float-budget", "0.01",
+                            "--json")
+    assert code == 1, err
+    search = json.loads(stdout)
+    assert not search["passed"] and search["chosen"] == []
+    fails = [line for line in err.splitlines() if line.startswith("FAIL")]
+    assert len(fails) == 1 and "onnx-int8:" in fails[0] and "budget" in fails[0], err
+    gate = Manifest.load(out).artifacts["onnx-int8"]["gate"]
+    assert gate["passed"] is False and gate["breaches"] and gate["by"] == "export --keep-float auto"
+    assert _check(cli, out, "onnx-int8")[0] == 1        # the mark agrees with the gate
+
+
 @pytest.mark.slow
 def test_tflite_keep_float_and_probe(trained, cli, tmp_path):
     pytest.importorskip("onnx2tf")

@@ -25,6 +25,7 @@ class Format:
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("onnx", "model.onnx", "fp32", "onnxruntime"),
     Format("onnx-int8", "model.int8.onnx", "int8", "onnxruntime", ("onnx",), calibrated=True),
+    Format("onnx-int8-vnni", "model.int8.vnni.onnx", "int8", "onnxruntime", ("onnx",), calibrated=True),
     Format("onnx-int8-trt", "model.int8.trt.onnx", "int8", "onnxruntime", ("onnx",), calibrated=True),
     Format("tflite-fp32", "model_fp32.tflite", "fp32", "litert", ("onnx",)),
     Format("tflite-fp16", "model_fp16.tflite", "fp16", "litert", ("onnx",)),
@@ -36,15 +37,16 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("executorch-int8", "model_int8.pte", "int8", "executorch", calibrated=True),
 )}
 CPU_FORMATS = ("onnx", "onnx-int8", "tflite-fp32", "tflite-fp16", "tflite-int8")
-# Built only on request: the plain full-integer TFLite (attention in INT8 too), for comparison, and the
-# symmetric Q/DQ ONNX that TensorRT builds from (ONNX Runtime runs it correctly but slowly on x86).
+# Built only on request: the plain full-integer TFLite (attention in INT8 too), for comparison, the
+# symmetric Q/DQ ONNX that TensorRT builds from (ONNX Runtime runs it correctly but slowly on x86), and the
+# 8-bit-weight ONNX Runtime INT8, exact only on CPUs whose integer kernels accumulate in 32 bits.
 DEFAULT_FORMATS = ("onnx", "onnx-int8")
 
 
 
 # The INT8 formats whose recipe honours `export --keep-float` (the plain TFLite model is the converter's
 # untouched full-integer baseline, kept for comparison).
-KEEP_FLOAT_FORMATS = ("onnx-int8", "onnx-int8-trt", "tflite-int8", "trt-int8", "executorch-int8")
+KEEP_FLOAT_FORMATS = ("onnx-int8", "onnx-int8-vnni", "onnx-int8-trt", "tflite-int8", "trt-int8", "executorch-int8")
 EXECUTORCH_FORMATS = ("executorch-fp32", "executorch-int8")
 
 

@@ -118,7 +118,32 @@ def search(export: Callable[[tuple[int, ...]], object], int8_formats: list[str],
         manifest = export(tuple(sorted(chosen)))
         step = _evaluate(manifest, fitting[0], tuple(sorted(chosen)), int8_formats, data, threads, spec)
     result.chosen, result.mac_share = sorted(chosen), mac_share(chosen, spec)
+    mark_gate(manifest.directory, result.steps[-1])
     return result
+
+
+def mark_gate(directory, step: FloatStep) -> None:
+    """Record on each INT8 artifact the search leaves whether it passes ``check``, and what it breaches."""
+    from .store.manifest import Manifest, locked
+
+    with locked(directory, "write"):
+        manifest = Manifest.load(directory)
+        for r in step.results:
+            if r.artifact in manifest.artifacts:
+                manifest.artifacts[r.artifact]["gate"] = {
+                    "passed": bool(r.passed), "breaches": [b[:500] for b in r.breaches][:16],
+                    "by": "export --keep-float auto", "data": r.data[:500], "count": int(r.count)}
+        manifest.save()
+
+
+def failure_line(result: FloatSearch) -> str:
+    """One line for a search that ended without a passing artifact: what broke, what was tried, what it cost."""
+    last = result.steps[-1]
+    broken = "; ".join(f"{r.artifact}: {', '.join(r.breaches)}" for r in last.results if not r.passed)
+    tried = ",".join(str(step.layer) for step in result.steps if step.layer is not None) or "none"
+    return (f"keep-float auto found no INT8 artifact that passes check ({broken}); layers tried in float: {tried}; "
+            f"{result.mac_share:.1f} % of MACs in float of a {result.budget:g} % budget ({result.stop}); "
+            f"the artifacts left are marked as failing in the manifest")
 
 
 def _probed(int8_formats: list[str]) -> str:

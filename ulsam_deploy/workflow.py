@@ -198,11 +198,12 @@ def export_for(model_path, options: ModelOptions, export: ExportOptions, on_step
 
 
 def parity_for(manifest, artifacts: list[str] | None, data: str | None, threads: int, overrides: dict,
-               batch: int = 32, given_model: Path | None = None):
+               batch: int = 32, given_model: Path | None = None, force: bool = False):
     """ParityResult for each artifact of ``manifest`` (all listed or promised by default)."""
     from .verify.run import run_parity
 
-    return run_parity(manifest.directory, artifacts, data, threads, overrides, batch, given_model).results
+    return run_parity(manifest.directory, artifacts, data, threads, overrides, batch, given_model,
+                      force=force).results
 
 
 def evaluate_stream(net: MobileNet, source, threads: int = 0, batch: int = 64, on_batch=None):

@@ -4,9 +4,7 @@ interleaved when comparing), join the parity columns of the same run, and report
 from __future__ import annotations
 
 import importlib.util
-import platform
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -17,6 +15,7 @@ from ..extras import install_hint
 from ..export import FORMATS
 from ..store.manifest import REFERENCE, Manifest
 from ..runtime import open_artifact, torch_runner
+from ..runtime.isa import cpu_model, isa_label, refusal, safe_here
 
 BACKENDS = ("torch", "onnxruntime", "litert", "executorch", "trt")
 _BACKEND_NAME = {"trt": "tensorrt"}
@@ -83,16 +82,6 @@ class Subject:
         return self.manifest.data["model"] + (f" (float layers {','.join(map(str, kept))})" if kept else "")
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def trt_available() -> bool:
     if importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("torch") is None:
         return False
@@ -101,8 +90,18 @@ def trt_available() -> bool:
     return torch.cuda.is_available()
 
 
-def formats_for(backends: tuple[str, ...], precisions: tuple[str, ...], skipped: list[str]) -> list[str]:
-    """Artifact formats (besides eager torch) that the chosen backends and precisions need."""
+def encoding_safe_here(name: str) -> bool:
+    """Whether the INT8 encoding format ``name`` is written in is exact on this CPU (True for other formats)."""
+    from ..export.pipeline import ONNX_ENCODINGS
+    from ..export.quantize import ENCODINGS
+
+    return name not in ONNX_ENCODINGS or safe_here(ENCODINGS[ONNX_ENCODINGS[name]].isa)
+
+
+def formats_for(backends: tuple[str, ...], precisions: tuple[str, ...], skipped: list[str],
+                force: bool = False) -> list[str]:
+    """Artifact formats (besides eager torch) that the chosen backends and precisions need; an INT8 encoding
+    that is not exact on this CPU is left out (noted in ``skipped``) unless ``force``."""
     names = []
     for name, fmt in FORMATS.items():
         backend = "trt" if fmt.backend == "tensorrt" else fmt.backend
@@ -120,6 +119,9 @@ def formats_for(backends: tuple[str, ...], precisions: tuple[str, ...], skipped:
                 raise BackendUnavailable("bench --backend litert needs the TFLite stack", "pip install 'ulsam-deploy[tflite]'")
             skipped.append(f"{name}: the TFLite stack is not installed")
             continue
+        if not encoding_safe_here(name) and not force:
+            skipped.append(f"{name}: its INT8 encoding is not exact on this CPU ({isa_label()}; --force times it)")
+            continue
         if backend == "executorch" and importlib.util.find_spec("executorch") is None:
             if len(backends) == 1:
                 raise BackendUnavailable("bench --backend executorch needs ExecuTorch", install_hint("executorch"))
@@ -129,7 +131,7 @@ def formats_for(backends: tuple[str, ...], precisions: tuple[str, ...], skipped:
     return names
 
 
-def _runners(subject: Subject, key: str, threads: int):
+def _runners(subject: Subject, key: str, threads: int, force: bool = False):
     """(runner, artifact size in MB, backend, precision) for an artifact key, 'torch' = eager reference."""
     from ..nets import load_model
 
@@ -139,6 +141,9 @@ def _runners(subject: Subject, key: str, threads: int):
                 (directory / REFERENCE).stat().st_size / 1e6, "torch", "fp32")
     entry = subject.manifest.artifacts[key]
     path = subject.manifest.verify_artifact(key)
+    reason = refusal(key, entry)
+    if reason and not force:
+        raise UlsamError(reason, "time it on such a CPU, or pass --force to time it anyway")
     return open_artifact(path, entry["backend"], entry["precision"], threads), entry["size_bytes"] / 1e6, \
         entry["backend"], entry["precision"]
 
@@ -156,7 +161,7 @@ def _row(subject: Subject, key: str, backend: str, precision: str, size_mb: floa
 
 def run_suite(subjects: list[Subject], keys: list[str], threads: int, batches: list[int], warmup: int, runs: int,
               parity: list[dict], report: BenchReport, size: int,
-              on_step: Callable[[str], None] | None = None) -> BenchReport:
+              on_step: Callable[[str], None] | None = None, force: bool = False) -> BenchReport:
     """Time ``keys`` (artifact formats, plus 'torch') of one subject, or of two side by side."""
     rng = np.random.default_rng(0)
     for batch in batches:
@@ -164,7 +169,7 @@ def run_suite(subjects: list[Subject], keys: list[str], threads: int, batches: l
         for key in keys:
             if on_step:
                 on_step(f"{key} batch {batch}")
-            opened = [_runners(s, key, threads) for s in subjects]
+            opened = [_runners(s, key, threads, force) for s in subjects]
             try:
                 if len(subjects) == 1:
                     stats = [measure(opened[0][0], x, warmup, runs)]
@@ -190,7 +195,7 @@ def new_report(subjects: list[Subject], threads: int) -> BenchReport:
         raise UlsamError("nothing to benchmark")
     from .peak import gemm_peak
 
-    return BenchReport(cpu_name(), threads, gemm_peak(threads), [s.name for s in subjects],
+    return BenchReport(cpu_model(), threads, gemm_peak(threads), [s.name for s in subjects],
                        peak_int8_gops=gemm_peak(threads, int8=True))
 
 

@@ -78,14 +78,15 @@ def bench(options: o.ModelOptions, model: o.ModelPath = None,
           ops: Annotated[bool, typer.Option(
               "--ops", help="Also show where the time goes: kernel time by op type (ONNX Runtime's profiler) and "
                             "the delegate split (TFLite, ExecuTorch) of every artifact timed.")] = False,
-          json_out: o.Json = False) -> None:
+          force: o.Unsafe = False, json_out: o.Json = False) -> None:
     """Time every artifact (exported if missing) and print one table; with --vs, per-backend ratios."""
     from ..render import report
     import contextlib
 
     from ..store.manifest import locked
     from ..model.profile import count_layers
-    from ..bench.suite import BACKENDS, Subject, formats_for, new_report, run_suite
+    from ..bench.suite import BACKENDS, Subject, encoding_safe_here, formats_for, new_report, run_suite
+    from ..runtime.isa import isa_label
     from ..workflow import parity_for
 
     backends = _choices(backend, "--backend", BACKENDS)
@@ -95,7 +96,10 @@ def bench(options: o.ModelOptions, model: o.ModelPath = None,
         raise UlsamError(f"--plot {plot} must be a .png file path")
     refs = [(model, options)]
     skipped: list[str] = []
-    formats = formats_for(backends, precisions, skipped)
+    formats = formats_for(backends, precisions, skipped, force)
+    for name in [f for f in formats if not encoding_safe_here(f)]:
+        report.log(f"warning: {name} is timed with --force on a CPU its INT8 encoding is not exact on "
+                   f"({isa_label()}): its numbers are this CPU's kernels, not the artifact's meaning")
     keys = (["torch"] if "torch" in backends and "fp32" in precisions else []) + formats
     if not keys:
         raise UlsamError("no artifact matches --backend/--precision", "; ".join(skipped) or None)
@@ -112,7 +116,7 @@ def bench(options: o.ModelOptions, model: o.ModelPath = None,
             subjects.append(Subject(manifest, sum(r.params for r in rows), sum(r.macs for r in rows)))
             if parity and formats:
                 bar.update(task, description=f"parity {manifest.data['model']}")
-                parities.append({r.artifact: r for r in parity_for(manifest, formats, None, threads, {})})
+                parities.append({r.artifact: r for r in parity_for(manifest, formats, None, threads, {}, force=force)})
             else:
                 parities.append({})
         for key in [k for k in keys if k != "torch"]:
@@ -127,7 +131,7 @@ def bench(options: o.ModelOptions, model: o.ModelPath = None,
                 held.enter_context(locked(subject.manifest.directory, "read"))
             run_suite(subjects, keys, threads, batches, warmup, runs, parities, result,
                       subjects[0].manifest.spec.input_size,
-                      on_step=lambda what: bar.update(task, description=f"timing {what}"))
+                      on_step=lambda what: bar.update(task, description=f"timing {what}"), force=force)
         profiles = []
         if ops:
             from ..bench.ops import profile_ops

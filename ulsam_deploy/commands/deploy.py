@@ -73,10 +73,10 @@ def export(options: o.ModelOptions, model: o.ModelPath = None,
 def parity(export_dir: ExportDir = None, options: o.ModelOptions = None,
            model: o.ModelPath = None, formats: Formats = None, data: Data = None, threads: Threads = 0,
            calib: Calib = None, calib_samples: CalibSamples = None, calib_method: CalibMethod = None,
-           json_out: o.Json = False) -> None:
+           force: o.Unsafe = False, json_out: o.Json = False) -> None:
     """Run every artifact against the eager fp32 reference on the same batches."""
     _parity_command(export_dir, options, model, formats, data, threads, calib, calib_samples, calib_method,
-                    json_out, {}, gate=False)
+                    json_out, {}, gate=False, force=force)
 
 
 @o.model_options
@@ -87,16 +87,16 @@ def check(export_dir: ExportDir = None, options: o.ModelOptions = None,
           min_top1: Annotated[Optional[float], typer.Option("--min-top1", help="Override: min top-1 agreement %.")] = None,
           min_cosine: Annotated[Optional[float], typer.Option("--min-cosine", help="Override: min logit cosine.")] = None,
           min_acc_delta: Annotated[Optional[float], typer.Option("--min-acc-delta", help="Override: min accuracy delta, points.")] = None,
-          json_out: o.Json = False) -> None:
+          force: o.Unsafe = False, json_out: o.Json = False) -> None:
     """The CI gate: parity against the thresholds table; exit 1 naming each breached metric."""
     overrides = {"max_abs": max_abs, "min_top1_agreement": min_top1, "min_cosine": min_cosine,
                  "min_accuracy_delta": min_acc_delta}
     _parity_command(export_dir, options, model, formats, data, threads, calib, calib_samples, calib_method,
-                    json_out, overrides, gate=True)
+                    json_out, overrides, gate=True, force=force)
 
 
 def _parity_command(export_dir, options: o.ModelOptions, model, formats, data, threads, calib, calib_samples, calib_method,
-                    json_out, overrides, gate: bool) -> None:
+                    json_out, overrides, gate: bool, force: bool = False) -> None:
     from ..render import report
     from ..verify.run import run_parity
 
@@ -106,8 +106,10 @@ def _parity_command(export_dir, options: o.ModelOptions, model, formats, data, t
     with report.progress() as bar:
         task = bar.add_task("parity", total=None)
         run = run_parity(manifest.directory, list(chosen) if chosen else None, data, threads, overrides,
-                         given_model=given, on_start=lambda n: bar.update(task, total=n, description="parity"),
+                         given_model=given, force=force, on_start=lambda n: bar.update(task, total=n, description="parity"),
                          on_batch=lambda n: bar.update(task, advance=n))
+    for warning in run.warnings:
+        report.log(f"warning: {warning}")
     if json_out:
         report.print_json(run.results + [_missing(name) for name in run.missing])
     else:
@@ -135,7 +137,7 @@ def keep_float_auto(model_path, options: o.ModelOptions, request: ExportOptions,
     from ..render import report
     from ..render import inspect as report_inspect
     from ..export import KEEP_FLOAT_FORMATS
-    from ..keepfloat import search
+    from ..keepfloat import failure_line, search
     from ..workflow import export_for
 
     def export(layers: tuple[int, ...]):
@@ -157,3 +159,6 @@ def keep_float_auto(model_path, options: o.ModelOptions, request: ExportOptions,
         report.print_json(result)
     else:
         report.console.print(report_inspect.float_step_table(result))
+    if not result.passed:
+        report.log(f"FAIL {failure_line(result)}")
+        raise typer.Exit(1)

@@ -36,6 +36,9 @@ Preprocess = Annotated[Optional[str], typer.Option(
 ModelPath = Annotated[Optional[Path], typer.Option(
     "--model", "-m", help="A model folder (models/<name>) or checkpoint (.safetensors, .pth).", rich_help_panel=_SPEC)]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+Unsafe = Annotated[bool, typer.Option(
+    "--force", help="Run an INT8 artifact even on a CPU whose integer kernels its encoding is not exact on "
+                    "(the manifest's isa); a warning says so.")]
 
 _ALIASES = {"arch": Arch, "positions": Positions, "groups": Groups, "width": Width, "num_classes": NumClasses,
             "input_size": InputSize, "activation": Activation, "preprocess": Preprocess}

@@ -18,7 +18,9 @@ from ..formats import (CPU_FORMATS, DEFAULT_FORMATS, FORMATS, KEEP_FLOAT_FORMATS
 # 4: TFLite and ONNX files carry their preprocessing, class names and description (export/describe.py).
 # 5: ULSAM in each target's export form (ONNX and ExecuTorch: spread, TFLite: spatial); INT8 quantises the
 #    spread convolution and x * (1 + A) (export/quantize.py).
-RECIPE = "5"
+# 6: onnx-int8 with 7-bit weights, exact on every CPU (8-bit weights: onnx-int8-vnni); ONNX INT8 entries
+#    record their encoding, the instruction sets it is exact on and a saturation audit (export/saturation.py).
+RECIPE = "6"
 
 
 def parse_keep_float(text: str) -> tuple[int, ...]:

@@ -29,6 +29,8 @@ from .describe import embed
 PRODUCERS = {"onnx": "ulsam_deploy.export.onnx", "onnx-int8": "ulsam_deploy.export.quantize",
              "litert": "ulsam_deploy.export.tflite", "tensorrt": "ulsam_deploy.export.tensorrt",
              "executorch": "ulsam_deploy.export.executorch"}
+# The Q/DQ ONNX formats and the INT8 encoding each is written in (export/quantize.py).
+ONNX_ENCODINGS = {"onnx-int8": "ort", "onnx-int8-vnni": "ort-vnni", "onnx-int8-trt": "tensorrt"}
 
 
 @dataclass
@@ -254,11 +256,11 @@ def _produce(name: str, request: ExportRequest, manifest: Manifest, calib: DataS
 
         with export_form(request.model, "spread"):      # 4-D, one node chain per ULSAM: see nets.ulsam
             return export_onnx(request.model, spec.input_size, target)
-    if name in ("onnx-int8", "onnx-int8-trt"):
+    if name in ONNX_ENCODINGS:
         from .quantize import quantize_int8
 
         return quantize_int8(directory / FORMATS["onnx"].filename, target, calib.images, request.calib_method,
-                             encoding="tensorrt" if name == "onnx-int8-trt" else "ort",
+                             encoding=ONNX_ENCODINGS[name],
                              keep_float=request.keep_float, reference=request.model)
     try:
         producer = importlib.import_module(PRODUCERS[fmt.backend])

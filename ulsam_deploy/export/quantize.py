@@ -1,8 +1,13 @@
-"""Calibrated INT8 Q/DQ ONNX with ONNX Runtime's static quantisation, calibrated once, two encodings.
+"""Calibrated INT8 Q/DQ ONNX with ONNX Runtime's static quantisation, calibrated once, three encodings.
 
-* ``onnx-int8`` (what ONNX Runtime runs): uint8 asymmetric activations, int8 symmetric per-channel
-  weights (U8S8). On x86 ONNX Runtime fuses only U8S8 Q/DQ into integer kernels; the symmetric
-  S8S8 file ran 5x slower than fp32 here (6.5 ms vs 1.3 ms; 34 ms with session.qdqisint8allowed).
+* ``onnx-int8`` (what ONNX Runtime runs, the default): uint8 asymmetric activations, int8 symmetric
+  per-channel weights of 7 bits (codes in [-64, 64], ``reduce_range``). Its integer kernels compute the
+  graph's Q/DQ meaning on every CPU: on x86 without VNNI ONNX Runtime's u8 x s8 kernels add two products
+  in a 16-bit lane (VPMADDUBSW), and 255 * (64 + 64) = 32640 fits where 8-bit weights (255 * 254) do not
+  (:mod:`.saturation` audits each artifact).
+* ``onnx-int8-vnni``: the same with 8-bit weights (codes in [-127, 127]); one bit more of weight
+  precision, exact only where the kernels accumulate in 32 bits (x86 with AVX-512 VNNI, arm64). ``check``
+  and ``bench`` refuse it on other CPUs.
 * ``onnx-int8-trt`` (what the TensorRT INT8 engine is built from): symmetric int8 activations and
   weights, zero points 0, per-channel weights on axis 0 - TensorRT's explicit-quantisation form.
 
@@ -27,6 +32,7 @@ so TensorRT, which runs a layer in INT8 only where its inputs and weights are qu
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -35,8 +41,25 @@ import numpy as np
 from ..errors import UlsamError
 from ..store.fileio import atomic_path
 from . import quiet
+from .saturation import audit_model
 
 METHODS = ("minmax", "entropy", "percentile")
+
+
+@dataclass(frozen=True)
+class Encoding:
+    label: str
+    activations_symmetric: bool
+    reduce_range: bool                 # weights of 7 bits
+    isa: dict                          # architecture -> "any" or the x86 features of which one must be present
+
+
+# Where ONNX Runtime's integer kernels compute each encoding's Q/DQ meaning (measured: see the README).
+ENCODINGS = {
+    "ort": Encoding("U8S8, 7-bit weights", False, True, {"x86_64": "any", "arm64": "any"}),
+    "ort-vnni": Encoding("U8S8, 8-bit weights", False, False, {"x86_64": ["AVX512VNNI"], "arm64": "any"}),
+    "tensorrt": Encoding("S8S8 symmetric (TensorRT)", True, False, {"x86_64": "any", "arm64": "any"}),
+}
 QUANTIZED_OPS = ["Conv", "Gemm", "Add", "Mul", "MaxPool", "GlobalAveragePool", "ReduceMean", "Relu", "Clip"]
 
 
@@ -155,9 +178,10 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, meth
     float_nodes = attention_nodes(model) if keep_attention_float else []
     layer_nodes = _layer_nodes(fp32_path, model, keep_float, reference)
     float_nodes += [n for n in layer_nodes if n not in float_nodes]
-    if encoding not in ("ort", "tensorrt"):
-        raise UlsamError(f"unknown INT8 encoding {encoding!r}")
-    symmetric = encoding == "tensorrt"
+    if encoding not in ENCODINGS:
+        raise UlsamError(f"unknown INT8 encoding {encoding!r}", f"choose one of {', '.join(ENCODINGS)}")
+    recipe = ENCODINGS[encoding]
+    symmetric = recipe.activations_symmetric
     # Biases stay float (QuantizeBias False): TensorRT fuses a float bias, int32 DequantizeLinear it does not take.
     extra = {"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": False,
              "QDQOpTypePerChannelSupportToAxis": {"Conv": 0, "Gemm": 0},
@@ -169,7 +193,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, meth
         cache = ranges_for(fp32_path, calibration, method)
     with atomic_path(out_path) as tmp, quiet():
         quantize_static(str(fp32_path), str(tmp), None, quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=QUANTIZED_OPS, per_channel=True, reduce_range=False,
+                        op_types_to_quantize=QUANTIZED_OPS, per_channel=True, reduce_range=recipe.reduce_range,
                         activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                         weight_type=QuantType.QInt8, nodes_to_exclude=float_nodes,
                         calibrate_method=_method(method), extra_options=extra, calibration_cache_path=str(cache))
@@ -181,7 +205,9 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: np.ndarray, meth
     ops = {}
     for node in quantized.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    return {"method": method, "encoding": "S8S8 symmetric (TensorRT)" if symmetric else "U8S8 (ONNX Runtime x86)",
+    audit = audit_model(quantized)
+    return {"method": method, "encoding": recipe.label, "weight_bits": 7 if recipe.reduce_range else 8,
+            "isa": recipe.isa, "saturation": audit.summary(),
             "activations_symmetric": symmetric, "per_channel": True, "format": "QDQ",
             "float_nodes": float_nodes, "keep_float": sorted(keep_float), "logits": "float",
             "attention_path": "float" if keep_attention_float else "softmax float, 1 + A and x * (1 + A) int8",

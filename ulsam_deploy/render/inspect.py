@@ -7,6 +7,8 @@ from rich.table import Table
 
 from .report import table
 
+INT16_MAX = 32767
+
 
 def _num(value, spec: str) -> str:
     if value is None:
@@ -20,7 +22,8 @@ def layer_table(inspection, artifact) -> Table:
     for row in artifact.rows:
         layer = row.label + (" ULSAM" if row.ulsam and row.kind == "output" else "")
         mark = "<- first jump" if row.kind == "output" and row.label == artifact.first_jump else ""
-        rows.append((layer, row.observed, _num(row.cosine_mean, ".6f"), _num(row.cosine_min, ".6f"),
+        pair = artifact.pair_bounds.get(row.layer) if row.kind == "output" else None
+        rows.append((layer, row.observed, _pair(pair), _num(row.cosine_mean, ".6f"), _num(row.cosine_min, ".6f"),
                      _num(row.rel_error, ".2e"), _num(row.sqnr_db, ".1f"), _num(row.drop_db, "+.1f"),
                      _num(row.argmax_agreement, ".1f"),
                      "-" if row.spread_mean is None else f"{row.eager_spread_mean:.2f} / {row.spread_mean:.2f}", mark))
@@ -30,10 +33,19 @@ def layer_table(inspection, artifact) -> Table:
     jump = f"first jump at layer {artifact.first_jump}" if artifact.first_jump else "no jump"
     return table(f"{artifact.artifact} ({artifact.backend} {artifact.precision}) vs eager fp32 - {inspection.data}, "
                  f"{artifact.count} images",
-                 ("layer", "observed", "cos mean", "cos min", "rel err", "SQNR dB", "drop dB", "argmax agr %",
+                 ("layer", "observed", "int16 pair", "cos mean", "cos min", "rel err", "SQNR dB", "drop dB", "argmax agr %",
                   "spread eager / here", ""),
                  rows, caption=f"{jump}; {proof}{floats}; spread of an attention map: (max - min) x H*W, "
-                               "0 when uniform, mean over maps")
+                               "0 when uniform, mean over maps" + (
+                                   f"; int16 pair: the largest |a1*w1 + a2*w2| the layer's INT8 weights allow "
+                                   f"(! beyond 32767: saturates on x86 without VNNI); {artifact.kernels}"
+                                   if artifact.kernels else ""))
+
+
+def _pair(bound: int | None) -> str:
+    if bound is None:
+        return "-"
+    return f"{bound}" + (" !" if bound > INT16_MAX else "")
 
 
 def summary_table(inspection) -> Table:

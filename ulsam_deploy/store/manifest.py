@@ -15,7 +15,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal, Optional
+from typing import Annotated, Any, Iterator, Literal, Optional, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -48,6 +48,20 @@ def _sha(value: str) -> str:
     return value
 
 
+ISA_FEATURES = ("AVX2", "AVX512F", "AVX512BW", "AVX512VNNI")
+
+
+class GateMark(BaseModel):
+    """What ``export --keep-float auto`` measured on the artifact it left: passed or not, and why."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    passed: bool
+    breaches: list[Annotated[str, Field(max_length=500)]] = Field(default_factory=list, max_length=16)
+    by: Literal["export --keep-float auto"]
+    data: str = Field(max_length=500)
+    count: int = Field(ge=0)
+
+
 class ArtifactEntry(BaseModel):
     """One artifact; producers add their own details (recipe, calibration, node counts, I/O...)."""
 
@@ -60,6 +74,9 @@ class ArtifactEntry(BaseModel):
     seconds: float = Field(ge=0, le=1e9, allow_inf_nan=False)
     recipe: Optional[str] = None
     keep_float: list[int] = Field(default_factory=list, max_length=64)   # paper layers left in float
+    # INT8 ONNX: architecture -> "any", or the x86 features of which one the encoding's kernels need to be exact
+    isa: Optional[dict[Literal["x86_64", "arm64"], Union[Literal["any"], list[Literal[ISA_FEATURES]]]]] = None
+    gate: Optional[GateMark] = None          # the verdict of the search that built it (export --keep-float auto)
 
     @field_validator("keep_float")
     @classmethod

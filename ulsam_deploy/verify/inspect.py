@@ -61,6 +61,9 @@ class ArtifactInspection:
     first_jump: str | None              # its row label ("13", "8:1", ...)
     keep_float: list[int] = field(default_factory=list)
     rows: list[TapStats] = field(default_factory=list)
+    # ONNX INT8: per paper layer, the largest |int16 pair sum| its weights allow (export/saturation.py)
+    pair_bounds: dict[int, int] = field(default_factory=dict)
+    kernels: str | None = None          # where its integer kernels are exact, and whether this CPU is one
 
 
 @dataclass
@@ -252,10 +255,43 @@ def inspect_export(directory, formats: list[str] | None, data: str | None, image
                 TapStats(t.label, t.key, t.layer, t.kind, t.ulsam, "not observable", None, None, None, None)
                 for t in taps]
         layer, label = mark_jump(rows)
-        result.artifacts.append(ArtifactInspection(name, entry["backend"], entry["precision"], seen, identical[name],
-                                                   max_diff[name], layer, label, list(entry.get("keep_float", [])),
-                                                   rows))
+        inspected = ArtifactInspection(name, entry["backend"], entry["precision"], seen, identical[name],
+                                       max_diff[name], layer, label, list(entry.get("keep_float", [])), rows)
+        if entry["backend"] == "onnxruntime" and entry["precision"] == "int8":
+            inspected.pair_bounds = _pair_bounds(manifest, paths[name], reference, onnx_cache)
+            inspected.kernels = _kernels(name, entry)
+        result.artifacts.append(inspected)
     return result, samples
+
+
+def _pair_bounds(manifest, path, reference, onnx_cache: dict) -> dict[int, int]:
+    """Paper layer -> the saturation audit's worst pair over the layer's integer convolutions."""
+    import onnx
+
+    from ..export.layermap import layer_members, onnx_nodes
+    from ..export.saturation import audit_file
+
+    if "members" not in onnx_cache:
+        graph = onnx.load(str(manifest.verify_artifact("onnx"))).graph
+        onnx_cache["members"] = layer_members(onnx_nodes(graph), onnx_cache["onnx"], taps_of(reference),
+                                              graph.input[0].name)
+    layer_of = {node: layer for layer, nodes in onnx_cache["members"].items() for node in nodes}
+    bounds: dict[int, int] = {}
+    for row in audit_file(path).layers:
+        if row.node in layer_of:
+            layer = layer_of[row.node]
+            bounds[layer] = max(bounds.get(layer, 0), row.worst)
+    return bounds
+
+
+def _kernels(name: str, entry: dict) -> str:
+    from ..runtime.isa import describe, isa_label, refusal
+
+    isa = entry.get("isa")
+    if not isinstance(isa, dict):
+        return "encoding not recorded (an older export)"
+    here = "NOT exact here" if refusal(name, entry) else "exact here"
+    return f"{entry.get('encoding')}: exact on {describe(isa)}; {here} ({isa_label()})"
 
 
 def _first_images(stream, count: int):

@@ -15,12 +15,13 @@ import numpy as np
 from ..data.preprocess import Preprocessing
 from ..data.sets import evaluation_source, reference_set
 from ..data.stream import Source, StreamStats, batches
-from ..errors import InputFileError
+from ..errors import InputFileError, UlsamError
 from ..store.manifest import REFERENCE, Manifest, locked, weights_sha256
 from ..nets import load_model
 from .parity import ParityResult, PassTimes, compare_stream, judge, thresholds_for
 from ..store.refcache import ReferenceCache, cache_key
 from ..runtime import open_artifact, torch_runner
+from ..runtime.isa import refusal
 
 
 @dataclass
@@ -34,6 +35,7 @@ class ParityRun:
     times: PassTimes = field(default_factory=PassTimes)
     skipped: int = 0
     skipped_reasons: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)     # artifacts run with --force on a CPU they are not exact on
 
     @property
     def passed(self) -> bool:
@@ -53,11 +55,24 @@ def data_source(manifest: Manifest, data: str | None) -> Source:
     return source
 
 
+def unsafe_here(manifest: Manifest, names: list[str], force: bool) -> list[str]:
+    """Refuse (or with ``force``, warn of) artifacts whose integer kernels are not exact on this CPU."""
+    reasons = [reason for name in names if (reason := refusal(name, manifest.artifacts[name]))]
+    if reasons and not force:
+        raise UlsamError(reasons[0], "run it on such a CPU, use onnx-int8 (exact on every CPU), "
+                                     "or pass --force to run it anyway")
+    return [f"{reason}: run anyway (--force), so its numbers are this CPU's kernels, not the artifact's meaning"
+            for reason in reasons]
+
+
 def run_parity(directory, formats: list[str] | None, data: str | None, threads: int, overrides: dict,
-               batch: int = 32, given_model=None, workers: int = 2,
+               batch: int = 32, given_model=None, workers: int = 2, force: bool = False,
                on_start: Callable[[int], None] | None = None,
                on_batch: Callable[[int], None] | None = None) -> ParityRun:
-    """Parity of ``formats`` (default: every artifact listed or promised) of the export ``directory``."""
+    """Parity of ``formats`` (default: every artifact listed or promised) of the export ``directory``.
+
+    An INT8 artifact whose encoding is not exact on this CPU is refused (UlsamError), or with ``force`` run
+    and named in ``warnings``."""
     with locked(directory, "read"):
         manifest = Manifest.load(directory)
         reference = load_model(manifest.directory / REFERENCE)
@@ -74,6 +89,7 @@ def run_parity(directory, formats: list[str] | None, data: str | None, threads: 
                         missing=[n for n in names if n not in manifest.artifacts])
         present = [n for n in names if n in manifest.artifacts]
         paths = {name: manifest.verify_artifact(name) for name in present}
+        run.warnings = unsafe_here(manifest, present, force)
         if not present:
             return run
         runners = {}
