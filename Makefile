@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 EXTRAS ?= dev,tflite,executorch
 STAMP  := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: install demo test test-fast clean gpu-check
+.PHONY: install emulator demo test test-fast clean gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,15 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 install: $(STAMP)
+
+# QEMU user mode, for the tests that run ONNX Runtime on an emulated AVX2 CPU from any x86 host. Installed
+# where apt-get runs as root; elsewhere those tests skip and say why.
+emulator:
+	@command -v qemu-x86_64 >/dev/null 2>&1 || [ "$$(uname -m)" != x86_64 ] || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -q qemu-user >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q qemu-user >/dev/null 2>&1; }; }; } || \
+	echo "qemu-user could not be installed: the emulated-CPU tests will skip"
 
 # the headline: Fashion-MNIST at 112 px, and its MV2 baseline trained with the same recipe
 MODEL  ?= models/mv2-ulsam-13-14-16-17-g4-fashion-112
@@ -31,7 +40,7 @@ demo: install
 	$(BIN)/ulsam-deploy bench --model $(MODEL) --vs $(VS) --backend all --runs 50
 
 # pytest exits 5 when it collects nothing; that is reported, not treated as a crash.
-test: install
+test: install emulator
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 
 test-fast: install

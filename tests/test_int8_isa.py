@@ -93,7 +93,7 @@ def int8_export(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("isa")
     out = tmp / "exp"
     result = CliRunner().invoke(app, ["export", "--model", str(model_file(tmp)), "--formats",
-                                      "onnx,onnx-int8,onnx-int8-vnni", "--calib", "digits", "--calib-samples", "32",
+                                      "onnx,onnx-int8,onnx-int8-vnni,onnx-int8-trt", "--calib", "digits", "--calib-samples", "32",
                                       "--out", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     return out
@@ -107,6 +107,24 @@ def test_manifest_records_encoding_isa_and_audit(int8_export):
     assert default["saturation"]["weight_bits"] == 7
     assert vnni["weight_bits"] == 8 and vnni["isa"]["x86_64"] == ["AVX512VNNI"]
     assert vnni["saturation"]["overflow_possible"] is True and vnni["saturation"]["layers_at_risk"]
+
+
+def test_tensorrt_input_is_checked_as_its_qdq_graph(int8_export):
+    """ONNX Runtime's fused S8S8 kernels saturate on AVX2 too; TensorRT's arithmetic is the graph's."""
+    import onnxruntime as ort
+
+    from ulsam_deploy.runtime import open_entry
+
+    manifest = Manifest.load(int8_export)
+    trt, default = manifest.artifacts["onnx-int8-trt"], manifest.artifacts["onnx-int8"]
+    assert trt["ort_graph"] == "qdq" and "ort_graph" not in default
+    levels = {}
+    for name, entry in (("trt", trt), ("default", default)):
+        runner = open_entry(int8_export / entry["file"], entry)
+        levels[name] = runner.session.get_session_options().graph_optimization_level
+        runner.close()
+    assert levels == {"trt": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                      "default": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
 
 def test_check_refuses_an_encoding_this_cpu_saturates(int8_export, cli, monkeypatch):

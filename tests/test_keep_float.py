@@ -85,11 +85,14 @@ def test_keep_float_auto_repairs_planted_outlier(trained, cli, tmp_path, spec, l
     out = tmp_path / "exp"
     export(cli, ckpt, out)
     assert _check(cli, out, "onnx-int8")[0] == 1
+    # 40 %: with 7-bit weights this small net also needs its layer 2 (MV2's usual ~10 dB INT8 loss) in float
     code, stdout, err = cli("export", "--model", ckpt, "--formats", "onnx,onnx-int8", "--calib", "digits",
-                            "--calib-samples", "64", "--out", out, "--keep-float", "auto", "--json")
+                            "--calib-samples", "64", "--out", out, "--keep-float", "auto", "--float-budget", "40",
+                            "--json")
     assert code == 0, err
     search = json.loads(stdout)
-    assert search["passed"] and 1 <= len(search["chosen"]) <= 3, search
+    assert search["passed"] and 1 <= len(search["chosen"]) <= 4, search
+    assert Manifest.load(out).artifacts["onnx-int8"]["gate"]["passed"] is True
     assert layer in search["chosen"] or layer + 1 in search["chosen"]
     assert "keep-float + layer" in err and "p50" in err          # every step printed as it finishes
     assert Manifest.load(out).artifacts["onnx-int8"]["keep_float"] == search["chosen"]

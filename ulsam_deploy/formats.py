@@ -50,6 +50,11 @@ KEEP_FLOAT_FORMATS = ("onnx-int8", "onnx-int8-vnni", "onnx-int8-trt", "tflite-in
 EXECUTORCH_FORMATS = ("executorch-fp32", "executorch-int8")
 
 
+# The x86 features that decide whether ONNX Runtime's u8 x s8 kernels are exact (VNNI accumulates in 32 bits,
+# the rest add two products in 16): what a manifest's ``isa`` may name (runtime/isa.py reads the host's).
+ISA_FEATURES = ("AVX2", "AVX512F", "AVX512BW", "AVX512VNNI")
+
+
 def cpu_formats() -> tuple[str, ...]:
     """What ``--formats cpu`` means: CPU_FORMATS, and the ExecuTorch formats when the executorch extra is
     installed (asked of the import system, without importing it)."""

@@ -161,7 +161,7 @@ def _probed(int8_formats: list[str]) -> str:
 def _evaluate(manifest, layer, keep_float, int8_formats, data, threads, spec) -> FloatStep:
     """Parity (the check thresholds) and batch-1 latency of every INT8 artifact."""
     from .bench.timing import measure
-    from .runtime import open_artifact
+    from .runtime import open_entry
     from .workflow import parity_for
 
     step = FloatStep(layer, list(keep_float), mac_share(keep_float, spec))
@@ -169,7 +169,7 @@ def _evaluate(manifest, layer, keep_float, int8_formats, data, threads, spec) ->
     x = np.zeros((1, 3, spec.input_size, spec.input_size), np.float32)
     for name in int8_formats:
         entry = manifest.artifacts[name]
-        runner = open_artifact(manifest.directory / entry["file"], entry["backend"], entry["precision"], threads)
+        runner = open_entry(manifest.directory / entry["file"], entry, threads)
         try:
             step.latency_ms[name] = measure(runner, x, LATENCY_WARMUP, LATENCY_RUNS).p50_ms
         finally:

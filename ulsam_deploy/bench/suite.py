@@ -14,7 +14,7 @@ from ..errors import BackendUnavailable, UlsamError
 from ..extras import install_hint
 from ..export import FORMATS
 from ..store.manifest import REFERENCE, Manifest
-from ..runtime import open_artifact, torch_runner
+from ..runtime import open_entry, torch_runner
 from ..runtime.isa import cpu_model, isa_label, refusal, safe_here
 
 BACKENDS = ("torch", "onnxruntime", "litert", "executorch", "trt")
@@ -144,7 +144,7 @@ def _runners(subject: Subject, key: str, threads: int, force: bool = False):
     reason = refusal(key, entry)
     if reason and not force:
         raise UlsamError(reason, "time it on such a CPU, or pass --force to time it anyway")
-    return open_artifact(path, entry["backend"], entry["precision"], threads), entry["size_bytes"] / 1e6, \
+    return open_entry(path, entry, threads), entry["size_bytes"] / 1e6, \
         entry["backend"], entry["precision"]
 
 

@@ -1,8 +1,8 @@
 """Artifact consumers: one Runner per backend, opened by name from the manifest; artifact I/O read-back."""
 
-from .base import RUNNERS, Runner, open_artifact, run_batched, runner_class
+from .base import RUNNERS, Runner, open_artifact, open_entry, run_batched, runner_class, runner_options
 
-__all__ = ["RUNNERS", "Runner", "open_artifact", "run_batched", "runner_class"]
+__all__ = ["RUNNERS", "Runner", "open_artifact", "open_entry", "run_batched", "runner_class", "runner_options"]
 
 
 def torch_runner(model, threads: int = 0) -> Runner:

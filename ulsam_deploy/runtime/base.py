@@ -65,6 +65,16 @@ def open_artifact(path: Path, backend: str, precision: str, threads: int = 0, **
     return runner_class(backend)(Path(path), precision=precision, threads=threads, **options)
 
 
+def runner_options(entry: dict) -> dict:
+    """Options a manifest entry asks its runner for (an ONNX run as its Q/DQ graph: ``ort_graph``)."""
+    return {"graph": "qdq"} if entry.get("ort_graph") == "qdq" else {}
+
+
+def open_entry(path: Path, entry: dict, threads: int = 0, **options) -> Runner:
+    """A Runner for the artifact a manifest ``entry`` describes: its backend, precision and runner options."""
+    return open_artifact(path, entry["backend"], entry["precision"], threads, **runner_options(entry), **options)
+
+
 def run_batched(runner: Runner, images: np.ndarray, batch: int) -> np.ndarray:
     """Logits for all ``images`` in chunks of ``batch``."""
     return np.concatenate([runner(np.ascontiguousarray(images[i:i + batch], np.float32))

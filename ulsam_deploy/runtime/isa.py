@@ -14,7 +14,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from ..store.manifest import ISA_FEATURES
+from ..formats import ISA_FEATURES
 
 # x86 features that decide ONNX Runtime's u8 x s8 kernels: VNNI accumulates in 32 bits, the rest pair in 16.
 X86_FEATURES = ISA_FEATURES

@@ -24,14 +24,19 @@ def session_options(threads: int = 0) -> ort.SessionOptions:
 
 
 class OnnxRuntimeRunner:
-    def __init__(self, path: Path, precision: str = "fp32", threads: int = 0):
+    """``graph="qdq"`` runs a Q/DQ file as its graph says (DequantizeLinear -> float op -> QuantizeLinear, no
+    fused integer kernels): the arithmetic TensorRT gives the ``onnx-int8-trt`` file, on every CPU."""
+
+    def __init__(self, path: Path, precision: str = "fp32", threads: int = 0, graph: str = "fused"):
         options = session_options(threads)
+        if graph == "qdq":
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
             raise InputFileError(f"ONNX Runtime cannot load {Path(path).name}: {str(exc).splitlines()[0][:200]}") from None
         self.input = self.session.get_inputs()[0].name
-        self.name = f"onnxruntime-{precision}"
+        self.name = f"onnxruntime-{precision}" + ("-qdq" if graph == "qdq" else "")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input: np.ascontiguousarray(batch, np.float32)})[0]

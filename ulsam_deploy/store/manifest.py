@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..data.preprocess import PreprocessingModel
 from ..errors import InputFileError, StaleArtifactError, UlsamError, validation_line
-from ..formats import FORMATS
+from ..formats import FORMATS, ISA_FEATURES
 from ..model.spec import ModelSpec
 from ..nets.build import sha256_file
 from .fileio import write_json_atomic
@@ -46,9 +46,6 @@ def _sha(value: str) -> str:
     if not _SHA256.fullmatch(value):
         raise ValueError("not a sha256 hex digest")
     return value
-
-
-ISA_FEATURES = ("AVX2", "AVX512F", "AVX512BW", "AVX512VNNI")
 
 
 class GateMark(BaseModel):
@@ -76,6 +73,7 @@ class ArtifactEntry(BaseModel):
     keep_float: list[int] = Field(default_factory=list, max_length=64)   # paper layers left in float
     # INT8 ONNX: architecture -> "any", or the x86 features of which one the encoding's kernels need to be exact
     isa: Optional[dict[Literal["x86_64", "arm64"], Union[Literal["any"], list[Literal[ISA_FEATURES]]]]] = None
+    ort_graph: Optional[Literal["qdq"]] = None     # ONNX Runtime runs it as its Q/DQ graph, no fused kernels
     gate: Optional[GateMark] = None          # the verdict of the search that built it (export --keep-float auto)
 
     @field_validator("keep_float")

@@ -179,7 +179,7 @@ def inspect_export(directory, formats: list[str] | None, data: str | None, image
     from ..store.manifest import REFERENCE, Manifest, locked
     from ..nets import load_model
     from .probe import open_probe
-    from ..runtime import open_artifact
+    from ..runtime import open_entry, runner_options
     from .run import data_source
 
     with locked(directory, "read"):
@@ -223,8 +223,8 @@ def inspect_export(directory, formats: list[str] | None, data: str | None, image
                     entry = manifest.artifacts[name]
                     if name not in probes:
                         probes[name] = open_probe(paths[name], entry["backend"], entry["precision"], threads,
-                                                  located[name], first.images)
-                        plain[name] = open_artifact(paths[name], entry["backend"], entry["precision"], threads)
+                                                  located[name], first.images, **runner_options(entry))
+                        plain[name] = open_entry(paths[name], entry, threads)
                     logits, values = probes[name](x, shapes)
                     expected = plain[name](x)
                     if not np.array_equal(logits, expected) and hasattr(probes[name], "resettle"):

@@ -29,10 +29,11 @@ POST_Q, PRE_Q, FLOAT = "post-quantisation", "pre-quantisation", "float"
 
 
 class OnnxProbe:
-    def __init__(self, path: Path, precision: str, threads: int, locations: dict[str, dict], sample: np.ndarray):
+    def __init__(self, path: Path, precision: str, threads: int, locations: dict[str, dict], sample: np.ndarray,
+                 **options):
         import onnx
 
-        self.runner = open_artifact(path, "onnxruntime", precision, threads)
+        self.runner = open_artifact(path, "onnxruntime", precision, threads, **options)
         self.model = onnx.load(str(path))
         graph = self.model.graph
         names = {out for node in graph.node for out in node.output}
@@ -159,10 +160,11 @@ class LiteRTProbe:
 
 
 def open_probe(path: Path, backend: str, precision: str, threads: int, locations: dict[str, dict],
-               sample: np.ndarray):
-    """A probe of the artifact at ``path``; ``sample`` (a batch) settles which readings keep its numbers."""
+               sample: np.ndarray, **options):
+    """A probe of the artifact at ``path``; ``sample`` (a batch) settles which readings keep its numbers;
+    ``options`` are its runner's (:func:`ulsam_deploy.runtime.runner_options`)."""
     if backend == "onnxruntime":
-        return OnnxProbe(path, precision, threads, locations, sample)
+        return OnnxProbe(path, precision, threads, locations, sample, **options)
     if backend == "litert":
         return LiteRTProbe(path, precision, threads, locations)
     raise InputFileError(f"inspect does not probe {backend} artifacts yet", "inspect the ONNX it is built from")

@@ -20,7 +20,7 @@ from ..store.manifest import REFERENCE, Manifest, locked, weights_sha256
 from ..nets import load_model
 from .parity import ParityResult, PassTimes, compare_stream, judge, thresholds_for
 from ..store.refcache import ReferenceCache, cache_key
-from ..runtime import open_artifact, torch_runner
+from ..runtime import open_entry, torch_runner
 from ..runtime.isa import refusal
 
 
@@ -96,7 +96,7 @@ def run_parity(directory, formats: list[str] | None, data: str | None, threads: 
         try:
             for name in present:
                 entry = manifest.artifacts[name]
-                runners[name] = open_artifact(paths[name], entry["backend"], entry["precision"], threads)
+                runners[name] = open_entry(paths[name], entry, threads)
             key = cache_key(weights, source.fingerprint, manifest.data["preprocessing"])
             stats = StreamStats()
             if on_start:
