@@ -64,7 +64,7 @@ def on_haswell(folder: Path) -> tuple[dict, dict[str, np.ndarray]]:
     """The fused kernels' outputs for every ONNX in ``folder`` on an emulated Haswell, and the CPU it saw."""
     out = folder / "haswell"
     out.mkdir()
-    run = subprocess.run([QEMU, "-cpu", "Haswell", sys.executable, str(ROOT / "tests/emulated/int8_kernels.py"),
+    run = subprocess.run([QEMU, "-cpu", "Haswell", sys.executable, str(ROOT / "scripts/int8-kernels.py"),
                           str(folder), str(out)], capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-2000:]
     return (json.loads((out / "host.json").read_text()),

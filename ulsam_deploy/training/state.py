@@ -4,7 +4,6 @@ and the guards of a model folder (no silent replacement, one training at a time)
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import Iterator
 
@@ -39,14 +38,14 @@ def load_state(folder: Path, config: dict) -> dict:
                              "delete it and start again") from None
     if not isinstance(state, dict) or not {"model", "optimiser", "scheduler", "epoch", "config"} <= set(state):
         raise InputFileError(f"--resume: {path} is not a training state of this tool")
+    if not isinstance(state["config"], dict):
+        raise InputFileError(f"--resume: {path.name} in {folder}: config is not a mapping",
+                             "start afresh with --force (the state cannot be resumed)")
     if state["config"] != config:
         changed = sorted(k for k in set(config) | set(state["config"]) if config.get(k) != state["config"].get(k))
         raise UlsamError(f"--resume: the run in {folder} was started with other arguments ({', '.join(changed[:4])})",
                          "resume with the same arguments, or start afresh with --force")
-    epoch = state["epoch"]
-    if not isinstance(epoch, int) or not 0 <= epoch <= config.get("epochs", math.inf):
-        raise InputFileError(f"--resume: {path} records an impossible epoch {epoch!r}")
-    return state
+    return state      # each field is checked against the model by training.resume.check_state
 
 
 def check_output(folder: Path, force: bool, resume: bool) -> None:

@@ -27,7 +27,8 @@ from ..errors import Interrupted, UlsamError
 from ..nets import ULSAM, MobileNet
 from .data import TrainData
 from .distributed import World, all_sum, average_batchnorm
-from .state import load_state, save_state
+from .resume import check_state, load_into
+from .state import STATE, load_state, save_state
 
 
 @dataclass(frozen=True)
@@ -123,11 +124,8 @@ def train(model: MobileNet, data: TrainData, config: TrainConfig, out: Path, wor
     keyed = _state_config(config, model, data)
     if resume:
         state = load_state(out, keyed)
-        model.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        scheduler.load_state_dict(state["scheduler"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
+        check_state(state, out / STATE, model, optimiser, config.epochs, world.size, amp=config.amp == "fp16")
+        load_into(state, out / STATE, model, optimiser, scheduler, scaler)
         result.history = [EpochLog(**log) for log in state["history"]]
         result.seconds, result.steps = float(state["seconds"]), int(state["steps"])
         result.resumed_from_epoch = state["epoch"]
@@ -156,9 +154,11 @@ def train(model: MobileNet, data: TrainData, config: TrainConfig, out: Path, wor
             save_state(out, {"model": model.state_dict(), "optimiser": optimiser.state_dict(),
                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                              "config": keyed, "history": [asdict(h) for h in result.history],
-                             "seconds": result.seconds, "steps": step})
+                             "seconds": result.seconds, "steps": step, "world_size": world.size})
         if hooks.on_epoch:
             hooks.on_epoch(log)
+    if result.final is None and result.history:   # resumed with nothing left to train: the card still needs it
+        result.final = evaluate(model, data.evaluation, world, device, config.batch_size * 2)
     return result
 
 

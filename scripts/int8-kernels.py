@@ -1,5 +1,8 @@
-"""Run under an emulated CPU (``qemu-x86_64 -cpu Haswell python int8_kernels.py IN OUT``): numpy and ONNX
-Runtime only, so that it starts in seconds where torch would take minutes.
+"""ONNX Runtime's fused kernels on the CPU this runs on, meant for an emulated one:
+
+    qemu-x86_64 -cpu Haswell .venv/bin/python scripts/int8-kernels.py IN OUT
+
+numpy and ONNX Runtime only, so that it starts in seconds under emulation.
 
 IN holds ``images.npy`` and ONNX files; for each ``*.onnx`` OUT receives ``<stem>.npy``: the logits of ONNX
 Runtime's fused integer kernels on this CPU. ``host.json`` says which CPU the process saw.
@@ -12,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ulsam_deploy.runtime import isa  # noqa: E402  (numpy-only module: no torch under emulation)
 
 source, target = Path(sys.argv[1]), Path(sys.argv[2])
