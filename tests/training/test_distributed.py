@@ -114,6 +114,7 @@ def test_an_error_on_a_rank_stops_every_rank_with_one_line(tmp_path):
     (["--amp", "fp16"], "needs a CUDA device"),
     (["--sync-bn"], "needs CUDA"),
     (["--nproc", "0"], "--nproc"),
+    (["--nproc", "1000"], "more processes than the"),          # never starts spawning on a small machine
     (["--resume"], "holds no train_state.pt"),
     (["--val", "/nonexistent"], "--val"),
     (["--teacher", "/nonexistent.safetensors"], "--teacher"),

@@ -105,9 +105,23 @@ def launch(nproc: int, argv: list[str]) -> int:
     return 0
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one, else the CPU count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def check_nproc(nproc: int, device: torch.device) -> None:
+    """Refuse, before anything starts, more processes than the devices can run: GPUs, or the usable CPU cores
+    (more CPU processes than cores only time-slice one another, each holding a copy of the model)."""
     if nproc < 1:
         raise UlsamError(f"--nproc {nproc} must be at least 1")
+    cores = usable_cores()
+    if device.type == "cpu" and nproc > cores:
+        raise UlsamError(f"--nproc {nproc} asks for more processes than the {cores} CPU core(s) this process may use",
+                         f"use --nproc {cores} or fewer")
     if device.type == "cuda" and nproc > torch.cuda.device_count():
         raise UlsamError(f"--nproc {nproc} asks for more processes than the {torch.cuda.device_count()} visible GPU(s)",
                          "one process per GPU: lower --nproc, or use --device cpu")
