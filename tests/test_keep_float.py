@@ -72,7 +72,8 @@ def test_keep_float_repairs_planted_outlier_by_hand(trained, cli, tmp_path):
     export(cli, ckpt, out)
     code, before = _check(cli, out, "onnx-int8")
     assert code == 1
-    export(cli, ckpt, out, "onnx,onnx-int8", "--keep-float", "4,5")
+    # the planted layers 4 and 5, and layer 8: with 7-bit weights this small net's INT8 loss there alone fails the gate
+    export(cli, ckpt, out, "onnx,onnx-int8", "--keep-float", "4,5,8")
     code, after = _check(cli, out, "onnx-int8")
     assert code == 0 and after["onnx-int8"]["mean_abs"] < before["onnx-int8"]["mean_abs"] / 3
 
