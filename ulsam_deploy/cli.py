@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -10,6 +11,7 @@ from typer.core import TyperGroup
 from typer.exceptions import Abort, TyperException
 
 from .errors import Interrupted, UlsamError, printable
+from .training.lifetime import LAUNCHER_ENV, report_failure
 
 
 class OneLineErrors(TyperGroup):
@@ -52,6 +54,9 @@ def _terminate_like_interrupt() -> None:
 
 
 def _fail(message: str, code: int) -> None:
+    if os.environ.get(LAUNCHER_ENV):   # a process of `train --nproc`: its launcher prints the first line
+        if report_failure(' '.join(printable(str(message)).split()), code):
+            sys.exit(code)
     print(f"error: {' '.join(printable(str(message)).split())}", file=sys.stderr)
     sys.exit(code)
 

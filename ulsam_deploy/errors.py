@@ -38,6 +38,12 @@ class StaleArtifactError(UlsamError):
     """An artifact or manifest disagrees with what it claims to be built from."""
 
 
+class RunFailed(UlsamError):
+    """A run stopped by something outside its input (a process or a data worker died): exit 1; what is saved stays."""
+
+    exit_code = 1
+
+
 class Interrupted(UlsamError):
     """Ctrl-C or SIGTERM: one line and exit 130; what is finished stays, a rerun resumes."""
 

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import UlsamError
+from ..errors import Interrupted, UlsamError
 from . import options as o
 
 AMP_MODES = ("off", "bf16", "fp16")
@@ -80,8 +80,12 @@ def train(ctx: typer.Context, out: Annotated[Path, typer.Option("--out", "-o", h
         # torchrun's own parser would take --nproc as its --nproc-per-node, so the processes get the command
         # without it; the command as typed reaches them in the environment, for the card and the resume line
         os.environ[COMMAND_ENV] = shlex.join(argv)
-        raise typer.Exit(launch(nproc, _without_nproc(argv)))
+        raise typer.Exit(launch(nproc, _without_nproc(argv), lambda: _saved(out, epochs, _resume_command(argv, resume))))
     if launched() and COMMAND_ENV in os.environ:
+        from ..training.lifetime import die_with_launcher
+
+        if not die_with_launcher():
+            raise Interrupted("the launcher of this training process is gone; nothing was trained")
         argv = shlex.split(os.environ[COMMAND_ENV])
     from ..training.run import RunRequest, run_training
 
@@ -121,6 +125,13 @@ def _without_nproc(argv: list[str]) -> list[str]:
             continue
         out.append(arg)
     return out
+
+
+def _saved(out: Path, epochs: int, resume_command: str) -> str:
+    from ..training.state import saved_epoch
+
+    epoch = saved_epoch(out)
+    return f"epoch {epoch} of {epochs} is saved in {out} ({resume_command})" if epoch else "no epoch had finished"
 
 
 def _resume_command(argv: list[str], resume: bool) -> str:

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import UlsamError
 from ..model.options import ModelOptions
-from .distributed import World, join, launched, leave
+from .distributed import World, join, launched, leave, lost_peer
 from .state import STATE
 from .train import Hooks, TrainConfig, train
 
@@ -78,8 +78,14 @@ def run_training(request: RunRequest) -> dict | None:
         teacher = teacher_model(request.teacher, model.spec) if request.teacher is not None else None
         with folder_lock(request.out) if world.main else contextlib.nullcontext():
             with _progress(world, request.config, data) as hooks:
-                result = train(model, data, request.config, request.out, world, device, teacher, request.resume,
-                               hooks, request.resume_command)
+                try:
+                    result = train(model, data, request.config, request.out, world, device, teacher, request.resume,
+                                   hooks, request.resume_command)
+                except (RuntimeError, OSError) as exc:     # a collective with a process that died
+                    lost = lost_peer(exc, world)
+                    if lost is None:
+                        raise
+                    raise lost from None
             if not world.main:
                 return None
             return _finish(model, data, result, request)

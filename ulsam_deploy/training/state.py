@@ -48,6 +48,16 @@ def load_state(folder: Path, config: dict) -> dict:
     return state      # each field is checked against the model by training.resume.check_state
 
 
+def saved_epoch(folder: Path) -> int | None:
+    """The last finished epoch saved in ``folder`` (for a closing line), or None."""
+    try:
+        state = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=True)
+    except Exception:   # noqa: BLE001 - absent or unreadable: nothing to resume from
+        return None
+    epoch = state.get("epoch") if isinstance(state, dict) else None
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch > 0 else None
+
+
 def check_output(folder: Path, force: bool, resume: bool) -> None:
     """Refuse, before any work, to replace a model folder or checkpoint unless ``--force`` (or ``--resume``)."""
     folder = Path(folder)

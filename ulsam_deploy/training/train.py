@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data.stream import Source, batches
-from ..errors import Interrupted, UlsamError
+from ..errors import Interrupted, RunFailed, UlsamError
 from ..nets import ULSAM, MobileNet
 from .data import TrainData
 from .distributed import World, all_sum, average_batchnorm
@@ -144,6 +144,15 @@ def train(model: MobileNet, data: TrainData, config: TrainConfig, out: Path, wor
             raise Interrupted(f"training interrupted in epoch {epoch}; epoch {done} of {config.epochs} is saved in "
                               f"{out}" if done else f"training interrupted in epoch {epoch}, before any epoch finished",
                               resume_hint if done else "start it again") from None
+        except RuntimeError as exc:
+            if "DataLoader worker" not in str(exc):
+                raise
+            done = result.resumed_from_epoch if not result.history else result.history[-1].epoch
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise RunFailed(f"training stopped in epoch {epoch}: a data loading worker died ({first}); "
+                            + (f"epoch {done} of {config.epochs} is saved in {out}" if done else "no epoch had finished"),
+                            "out of memory? use fewer --workers or a smaller --batch-size, "
+                            + (resume_hint if done else "and start it again")) from None
         average_batchnorm(model, world)
         result.final = evaluate(model, data.evaluation, world, device, config.batch_size * 2)
         log.test_top1 = result.final.top1
