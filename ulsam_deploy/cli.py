@@ -65,10 +65,10 @@ app = typer.Typer(cls=OneLineErrors, add_completion=False, pretty_exceptions_ena
                   help="Build, profile, export, verify and benchmark MobileNet-V1/V2 with ULSAM.")
 
 
-from .commands import bench, deploy, inspect, model, train
+from .commands import bench, deploy, inspect, model, pack, train
 
 for command in (model.profile, model.build, train.train, model.evaluate, deploy.export, deploy.parity, deploy.check,
-                inspect.inspect, bench.bench):
+                pack.pack, inspect.inspect, bench.bench):
     app.command()(command)
 
 

@@ -12,6 +12,7 @@ from ..export import parse_formats
 from ..export.options import ExportOptions
 from . import options as o
 from .options import Calib, CalibMethod, CalibSamples, Data, ExportDir, Formats, Out, Threads
+from .pack import DeviceResult, Emulate, EmulateImages, device_check
 
 FLOAT_BUDGET = 25.0   # percent of the model's MACs that --keep-float auto may keep in float
 
@@ -87,10 +88,19 @@ def check(export_dir: ExportDir = None, options: o.ModelOptions = None,
           min_top1: Annotated[Optional[float], typer.Option("--min-top1", help="Override: min top-1 agreement %.")] = None,
           min_cosine: Annotated[Optional[float], typer.Option("--min-cosine", help="Override: min logit cosine.")] = None,
           min_acc_delta: Annotated[Optional[float], typer.Option("--min-acc-delta", help="Override: min accuracy delta, points.")] = None,
+          device_result: DeviceResult = None, emulate: Emulate = None, images: EmulateImages = None,
           force: o.Unsafe = False, json_out: o.Json = False) -> None:
-    """The CI gate: parity against the thresholds table; exit 1 naming each breached metric."""
+    """The CI gate: parity against the thresholds table; exit 1 naming each breached metric. With
+    --device-result or --emulate: the verdicts of a pack's run on a device or an emulated CPU."""
     overrides = {"max_abs": max_abs, "min_top1_agreement": min_top1, "min_cosine": min_cosine,
                  "min_accuracy_delta": min_acc_delta}
+    if device_result is not None or emulate is not None:
+        o.refuse_with_export(export_dir, options, **{"--calib": calib, "--calib-samples": calib_samples,
+                                                     "--calib-method": calib_method})
+        o.refuse_unused("a pack's run is checked against the export it was made from", "drop it", **{"--model": model})
+        return device_check(export_dir, device_result, emulate, images, formats, data, threads, force, overrides,
+                            json_out)
+    o.refuse_unused("it applies to --emulate", "drop it, or add --emulate haswell", **{"--images": images})
     _parity_command(export_dir, options, model, formats, data, threads, calib, calib_samples, calib_method,
                     json_out, overrides, gate=True, force=force)
 

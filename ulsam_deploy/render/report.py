@@ -66,7 +66,7 @@ def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]], cap
     out = Table(title=title, caption=caption, header_style="bold")
     for name in columns:
         out.add_column(name, justify="left" if name in ("layer", "type", "model", "positions", "artifact",
-                                                        "backend", "metric", "status") else "right")
+                                                        "backend", "metric", "status", "verified on") else "right")
     for row in rows:
         out.add_row(*[_plain(cell) for cell in row])
     return out
@@ -109,19 +109,56 @@ def _pct(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _parity_cells(r) -> tuple:
+    return (r.artifact, r.backend, r.precision, _pct(r.top1_agreement), _pct(r.top5_agreement), _pct(r.accuracy),
+            "-" if r.accuracy_delta is None else f"{r.accuracy_delta:+.2f}", f"{r.cosine_mean:.6f}",
+            f"{r.cosine_min:.6f}", f"{r.max_abs:.2e}", f"{r.mean_abs:.2e}")
+
+
+PARITY_COLUMNS = ("artifact", "backend", "precision", "top-1 agr %", "top-5 agr %", "acc %", "acc delta",
+                  "cos mean", "cos min", "max abs", "mean abs")
+
+
+def _status(r) -> str:
+    return "pass" if r.passed else "FAIL: " + "; ".join(r.breaches)
+
+
 def parity_table(run) -> Table:
-    """A :class:`~ulsam_deploy.verify.run.ParityRun`: one row per artifact, missing ones as FAIL rows."""
-    rows = [(r.artifact, r.backend, r.precision, _pct(r.top1_agreement), _pct(r.top5_agreement),
-             _pct(r.accuracy), "-" if r.accuracy_delta is None else f"{r.accuracy_delta:+.2f}",
-             f"{r.cosine_mean:.6f}", f"{r.cosine_min:.6f}", f"{r.max_abs:.2e}", f"{r.mean_abs:.2e}",
-             "pass" if r.passed else "FAIL: " + "; ".join(r.breaches)) for r in run.results]
-    rows += [(name, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "FAIL: missing (not built)") for name in run.missing]
+    """A :class:`~ulsam_deploy.verify.run.ParityRun`: one row per artifact, missing ones as FAIL rows; a column
+    names where each artifact was verified (the manifest's ``verified_on``) once any was."""
+    verified = any(r.verified_on for r in run.results)
+    rows = [_parity_cells(r) + (_status(r),) + (("; ".join(r.verified_on) or "-",) if verified else ())
+            for r in run.results]
+    rows += [(name,) + ("-",) * 10 + ("FAIL: missing (not built)",) + (("-",) if verified else ())
+             for name in run.missing]
     count = run.results[0].count if run.results else 0
     skipped = (f", {run.skipped} skipped: " + "; ".join(run.skipped_reasons)
                + (" ..." if run.skipped > len(run.skipped_reasons) else "")) if run.skipped else ""
     return table(f"Parity vs eager fp32 - {run.directory} - {run.data} ({count} images{skipped})",
-                 ("artifact", "backend", "precision", "top-1 agr %", "top-5 agr %", "acc %", "acc delta",
-                  "cos mean", "cos min", "max abs", "mean abs", "status"), rows, caption=_times(run.times))
+                 PARITY_COLUMNS + ("status",) + (("verified on",) if verified else ()), rows, caption=_times(run.times))
+
+
+def device_table(run) -> Table:
+    """A :class:`~ulsam_deploy.verify.device.DeviceRun`: the verdicts recomputed here, the device's latency."""
+    rows = [_parity_cells(r) + (f"{run.latency_ms[r.artifact]['p50']:.3f}", f"{run.latency_ms[r.artifact]['p90']:.3f}",
+                                _status(r)) for r in run.results]
+    speed = ("latency under emulation is the emulator's, not that CPU's" if run.emulated
+             else f"latency: batch 1, {run.threads or 'default'} threads on the device")
+    caption = (f"{run.identity.get('system', '')} {run.identity.get('release', '')}, {run.identity.get('cores', 0)} "
+               f"cores, Python {run.identity.get('python', '')}; run {run.date}; INT8 probe (MatMulInteger u8 x s8): "
+               f"{run.probe}; {speed}; verdicts recomputed here from the device's logits, recorded in "
+               f"{run.directory}/manifest.json (verified_on)")
+    return table(f"Verified on {run.device} - {run.model} - pack {run.pack_id[:12]} - {run.data} ({run.images} images)",
+                 PARITY_COLUMNS + ("p50 ms", "p90 ms", "status"), rows, caption=caption)
+
+
+def pack_table(result) -> Table:
+    rows = [(a.format, a.file, a.precision, a.backend, f"{a.size_bytes / 1e6:.2f}") for a in result.artifacts]
+    caption = (f"pack {result.pack_id}; {result.images} images of {result.data}"
+               f"{' with labels' if result.labelled else ''}; {result.size_bytes / 1e6:.2f} MB"
+               f"{' zipped' if result.zipped else ''}; reference kept in {result.kept}")
+    return table(f"Pack of {result.model} -> {result.path}", ("artifact", "file", "precision", "backend", "MB"), rows,
+                 caption=caption)
 
 
 def _times(t) -> str | None:

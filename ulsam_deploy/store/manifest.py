@@ -26,6 +26,7 @@ from ..formats import FORMATS, ISA_FEATURES
 from ..model.spec import ModelSpec
 from ..nets.build import sha256_file
 from .fileio import write_json_atomic
+from .verified import MAX_ENTRIES, Verification
 
 MANIFEST = "manifest.json"
 REFERENCE = "reference.safetensors"
@@ -111,6 +112,7 @@ class ManifestModel(BaseModel):
     calibration: Optional[dict[str, Any]] = None
     promised: list[str] = []
     artifacts: dict[str, ArtifactEntry]
+    verified_on: list[Verification] = Field(default_factory=list, max_length=MAX_ENTRIES)   # store/verified.py
 
     @field_validator("weights_sha256", "reference_sha256")
     @classmethod
@@ -212,11 +214,14 @@ class Manifest:
                 kept[key] = entry
             except (ValidationError, UlsamError):
                 continue
+        listed = data.get("verified_on") if isinstance(data.get("verified_on"), list) else []
+        verified = [e for e in listed if _fits(Verification, e)]
+        salvaged = data | {"artifacts": kept} | ({"verified_on": verified} if "verified_on" in data else {})
         try:
-            ManifestModel.model_validate(data | {"artifacts": kept})
+            ManifestModel.model_validate(salvaged)
         except (ValidationError, UlsamError):
             return None
-        return cls(Path(directory), data | {"artifacts": kept})
+        return cls(Path(directory), salvaged)
 
     def save(self) -> None:
         ManifestModel.model_validate(json.loads(json.dumps(self.data)))   # never write what a reader would refuse
@@ -271,6 +276,14 @@ class Manifest:
         if weights != self.data["weights_sha256"]:
             raise StaleArtifactError(f"{self.directory} was exported from other weights than {source} "
                                      "(the model changed after export)", "re-run `ulsam-deploy export`")
+
+
+def _fits(model, value) -> bool:
+    try:
+        model.model_validate(value)
+    except ValidationError:
+        return False
+    return True
 
 
 def _read_json(directory: Path) -> dict:

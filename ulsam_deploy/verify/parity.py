@@ -66,6 +66,7 @@ class ParityResult:
     reference_cached: bool = False           # eager logits read from the export directory's cache
     breaches: list[str] = field(default_factory=list)
     passed: bool = True
+    verified_on: list[str] = field(default_factory=list)   # devices whose runs of these bytes were brought home
 
     def __bool__(self) -> bool:
         return self.passed

@@ -20,6 +20,7 @@ from ..store.manifest import REFERENCE, Manifest, locked, weights_sha256
 from ..nets import load_model
 from .parity import ParityResult, PassTimes, compare_stream, judge, thresholds_for
 from ..store.refcache import ReferenceCache, cache_key
+from ..store.verified import verified_labels
 from ..runtime import open_entry, torch_runner
 from ..runtime.isa import refusal
 
@@ -55,6 +56,17 @@ def data_source(manifest: Manifest, data: str | None) -> Source:
     return source
 
 
+def checked_reference(manifest: Manifest):
+    """(the eager reference model of an export directory, its weights' sha256), refused when its weights are
+    not the ones the manifest records."""
+    reference = load_model(manifest.directory / REFERENCE)
+    weights = weights_sha256(reference)
+    if weights != manifest.data["weights_sha256"]:
+        raise InputFileError(f"{manifest.directory / REFERENCE} does not match its manifest",
+                             "re-run `ulsam-deploy export`")
+    return reference, weights
+
+
 def unsafe_here(manifest: Manifest, names: list[str], force: bool) -> list[str]:
     """Refuse (or with ``force``, warn of) artifacts whose integer kernels are not exact on this CPU."""
     reasons = [reason for name in names if (reason := refusal(name, manifest.artifacts[name]))]
@@ -75,11 +87,7 @@ def run_parity(directory, formats: list[str] | None, data: str | None, threads: 
     and named in ``warnings``."""
     with locked(directory, "read"):
         manifest = Manifest.load(directory)
-        reference = load_model(manifest.directory / REFERENCE)
-        weights = weights_sha256(reference)
-        if weights != manifest.data["weights_sha256"]:
-            raise InputFileError(f"{manifest.directory / REFERENCE} does not match its manifest",
-                                 "re-run `ulsam-deploy export`")
+        reference, weights = checked_reference(manifest)
         if given_model is not None:
             other = load_model(given_model)
             manifest.verify_model(other.spec, weights_sha256(other), str(given_model))
@@ -116,6 +124,7 @@ def run_parity(directory, formats: list[str] | None, data: str | None, threads: 
                               count=stats.count, data=source.name, skipped=stats.skipped,
                               skipped_reasons=list(stats.skipped_reasons), seconds=run.times.artifacts[name],
                               reference_cached=run.times.reference_cached,
+                              verified_on=verified_labels(manifest.data, name, entry["sha256"]),
                               **accumulators[name].result())
         run.results.append(judge(result, thresholds_for(entry["backend"], entry["precision"], overrides)))
     return run
