@@ -28,7 +28,7 @@ class OneLineErrors(TyperGroup):
             _fail(exc.format_message(), exc.exit_code)
         except (Abort, KeyboardInterrupt):   # Ctrl-C, or SIGTERM (see below), while the options are parsed
             _fail(INTERRUPTED, 130)
-        sys.exit(code if isinstance(code, int) else 0)
+        _exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx):
         # Typer turns a KeyboardInterrupt escaping a command into a silent exit 130; name it first, so that
@@ -56,8 +56,18 @@ def _terminate_like_interrupt() -> None:
 def _fail(message: str, code: int) -> None:
     if os.environ.get(LAUNCHER_ENV):   # a process of `train --nproc`: its launcher prints the first line
         if report_failure(' '.join(printable(str(message)).split()), code):
-            sys.exit(code)
+            _exit(code)
     print(f"error: {' '.join(printable(str(message)).split())}", file=sys.stderr)
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    """Exit; a SIGTERM arriving now (torchrun stopping the other processes) ends the process without unwinding
+    the interpreter's exit handlers into a traceback."""
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:   # not the main thread
+        pass
     sys.exit(code)
 
 
