@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import multiprocessing
-import shutil
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -30,10 +29,13 @@ import numpy as np
 from torch import nn
 
 from ulsam_deploy.bench.timing import alternate, time_calls
+from ulsam_deploy.data.images import PSEUDO_FILE_SYSTEMS
 from ulsam_deploy.errors import SpecError, UlsamError
 from ulsam_deploy.extras import require
 from ulsam_deploy.formats import FORMATS, parse_formats
 from ulsam_deploy.model.spec import ModelSpec
+from ulsam_deploy.data.sets import DEFAULT_CALIB_SAMPLES
+from ulsam_deploy.nets.build import MAX_BUILD_BYTES, estimate_size
 from ulsam_deploy.nets.ulsam import FORMS, ULSAM
 
 PER_ROUND = 20   # calls of one model in a row: each is timed warm, as `bench` times them
@@ -79,6 +81,8 @@ def _arguments(argv: list[str] | None) -> tuple[argparse.Namespace, ModelSpec, l
                         help="ONNX Runtime INT8 keeps ULSAM's path after its scores in float (earlier releases)")
     parser.add_argument("--keep", type=Path, help="a new folder to keep the artifacts in (default: deleted); a "
                         "floor folder records the ULSAM model as its reference, so `check` there breaks parity")
+    parser.add_argument("--allow-large", action="store_true",
+                        help="build models past the memory guard (fp32 weights and activations over 4 GiB)")
     args = parser.parse_args(argv)
     backends = list(dict.fromkeys(b.strip() for b in args.backend.split(",") if b.strip()))
     unknown = [b for b in backends if b not in BACKENDS] or ([] if backends else [args.backend])
@@ -89,12 +93,15 @@ def _arguments(argv: list[str] | None) -> tuple[argparse.Namespace, ModelSpec, l
                 "`export` writes (use them with --backend onnxruntime alone)")
     if args.calls < 1 or args.threads < 1:
         _refuse("--calls and --threads must be at least 1")
-    if args.keep is not None and (args.keep.exists() or not args.keep.parent.is_dir()):
+    if args.keep is not None and (args.keep.exists() or args.keep.is_symlink() or not args.keep.parent.is_dir()):
         _refuse(f"--keep {args.keep}: name a new folder in an existing one (nothing is written over)")
+    if args.keep is not None and any(args.keep.parent.resolve().is_relative_to(root) for root in PSEUDO_FILE_SYSTEMS):
+        _refuse(f"--keep {args.keep}: that is a kernel pseudo-file system, not a place for files")
     try:
         spec = ModelSpec.parse(args.arch, args.positions, args.groups, input_size=args.input_size)
         if not spec.positions:
             raise SpecError(f"--positions {args.positions!r} places no ULSAM", "name the layers it takes")
+        _check_memory(spec, args.allow_large)
         for backend in backends:
             if backend != "onnxruntime":
                 require(backend, f"--backend {backend}")
@@ -187,10 +194,29 @@ def _report(backend: str, medians: dict[str, np.ndarray]) -> None:
     print(f"{'':12s} INT8 speed-up over fp32 (p50): {speedup}")
 
 
+def _check_memory(spec: ModelSpec, allow_large: bool) -> None:
+    """The CLI's memory guard, counting what this script holds besides the network: every INT8 format is
+    calibrated on an array of DEFAULT_CALIB_SAMPLES images at the input size."""
+    network = estimate_size(spec).total_bytes
+    calibration = DEFAULT_CALIB_SAMPLES * 3 * spec.input_size ** 2 * 4
+    if network + calibration > MAX_BUILD_BYTES and not allow_large:
+        raise SpecError(f"{spec.input_size} px needs about {(network + calibration) / 2 ** 30:.1f} GiB (the network "
+                        f"{network / 2 ** 30:.1f} GiB, its {DEFAULT_CALIB_SAMPLES} calibration images "
+                        f"{calibration / 2 ** 30:.1f} GiB), over the {MAX_BUILD_BYTES / 2 ** 30:g} GiB limit",
+                        "pass a smaller --input-size, or --allow-large if the machine has the memory")
+
+
 def main(argv: list[str] | None = None) -> None:
     args, spec, backends = _arguments(argv)
     x = np.random.default_rng(0).normal(size=(1, 3, spec.input_size, spec.input_size)).astype(np.float32)
-    with tempfile.TemporaryDirectory(prefix="ulsam-floor-") as scratch:
+    # kept artifacts are built beside --keep and renamed to it at the end: a folder that cannot hold them is
+    # refused now, not after the timing, and an interrupted run leaves no half-filled --keep
+    try:
+        scratch_dir = tempfile.TemporaryDirectory(prefix=f".{args.keep.name}." if args.keep else "ulsam-floor-",
+                                                  dir=args.keep.parent if args.keep else None)
+    except OSError as exc:
+        _refuse(f"--keep {args.keep}: cannot write there ({exc.strerror or exc})")
+    with scratch_dir as scratch:
         work = Path(scratch) / "artifacts"
         work.mkdir()
         files = {b: _onnxruntime_files(spec, args, work) if b == "onnxruntime" else _pipeline_files(b, args, work)
@@ -202,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         for backend in backends:
             _report(backend, _time(backend, files[backend], args, x))
         if args.keep is not None:
-            shutil.move(work, args.keep)
+            work.rename(args.keep)
 
 
 if __name__ == "__main__":

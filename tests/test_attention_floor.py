@@ -46,6 +46,9 @@ def test_floor_removes_only_the_ulsams():
     (["--calls", "0"], "--calls and --threads must be at least 1"),
     (["--groups", "x"], "invalid int value"),
     (["--keep", "."], "name a new folder"),
+    (["--keep", "/proc/floor-kept"], "kernel pseudo-file system"),
+    (["--keep", "/sys/floor-kept"], "kernel pseudo-file system"),
+    (["--input-size", "2048"], "over the 4 GiB limit"),
 ])
 def test_refuses_what_it_cannot_time_in_one_line(args, says, tmp_path, capsys):
     """Bad arguments: one line on stderr, exit 2, before anything is exported."""

@@ -125,7 +125,7 @@ def test_loader_holds_a_few_batches_not_the_set(tmp_path):
     batch_bytes = 16 * 3 * 64 * 64 * 4
     loader = DataLoader(data.train, batch_size=16, num_workers=0)
     tracemalloc.start()
-    seen = sum(len(x) for x, _ in loader)
+    seen = sum(len(x) for x, _, _ in loader)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert seen == 360
@@ -138,10 +138,11 @@ def test_folder_recipe_is_random_resized_crop_and_seeded(tmp_path):
     data = folder_data(_image_folder(tmp_path / "imgs", 20), None, Preprocessing(size=48, interpolation="bicubic"),
                        True, 0)
     assert data.recipe.kind == "random-resized-crop" and data.recipe.interpolation == "bicubic"
-    x1, _ = data.train[3]
-    x2, _ = data.train[3]
+    x1, _, skipped = data.train[3]
+    x2, _, _ = data.train[3]
     data.train.set_epoch(2)
-    x3, _ = data.train[3]
+    x3, _, _ = data.train[3]
+    assert skipped == ""
     assert x1.shape == (3, 48, 48) and torch.equal(x1, x2) and not torch.equal(x1, x3)
 
 

@@ -73,7 +73,7 @@ def build(out: Annotated[Path, typer.Option("--out", "-o", help="Where to write 
                                     f"sha256 {sha256_file(checkpoint.path)})")
         names = checkpoint.metadata.class_names if checkpoint.metadata else None
         if names and len(names) == spec.num_classes:   # the classifier kept: its labels too
-            extra["class_names"] = json.dumps(list(names))
+            extra["class_names"] = json.dumps(list(names), ensure_ascii=False)
     save_checkpoint(model, out, extra={"preprocessing": json.dumps(prep.to_dict()), **extra})
     summary = {"path": printable(str(out)), "spec": spec.to_dict(), "name": spec.name, "sha256": sha256_file(out),
                "params": sum(p.numel() for p in model.parameters()), "preprocessing": prep.to_dict(),

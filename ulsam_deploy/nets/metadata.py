@@ -21,7 +21,9 @@ from ..errors import InputFileError, UlsamError, printable, validation_line
 from ..model.spec import MAX_POSITIONS_TEXT, ModelSpec
 
 FORMAT_TAG = "ulsam-deploy/1"
-MAX_VALUE_CHARS = 64 * 1024     # per metadata value; ours are well under 4 KB
+MAX_VALUE_CHARS = 64 * 1024     # per metadata value; ours are well under 4 KB...
+MAX_CLASS_NAMES_CHARS = 32 * 1024 * 1024   # ...but the class names: up to 100,000 of up to 256 characters
+MAX_CLASSES = 100_000
 MAX_KEYS = 64
 
 Text = Annotated[str, Field(max_length=16384)]
@@ -70,7 +72,7 @@ class CheckpointMetadata(BaseModel):
     train_recipe: Optional[Json[Record]] = None
     origin: Optional[Text] = None             # the checkpoint it was built or fine-tuned from
     teacher: Optional[Text] = None            # the distillation teacher
-    class_names: Optional[Json[Annotated[list[ClassName], Field(max_length=100_000)]]] = None   # output order
+    class_names: Optional[Json[Annotated[list[ClassName], Field(max_length=MAX_CLASSES)]]] = None   # output order
 
     @model_validator(mode="before")
     @classmethod
@@ -78,8 +80,9 @@ class CheckpointMetadata(BaseModel):
         if not isinstance(data, dict) or len(data) > MAX_KEYS:
             raise ValueError(f"must be at most {MAX_KEYS} text entries")
         for key, value in data.items():
-            if not isinstance(value, str) or len(value) > MAX_VALUE_CHARS:
-                raise ValueError(f"{printable(str(key))[:40]!r} must be text of at most {MAX_VALUE_CHARS} characters")
+            limit = MAX_CLASS_NAMES_CHARS if key == "class_names" else MAX_VALUE_CHARS
+            if not isinstance(value, str) or len(value) > limit:
+                raise ValueError(f"{printable(str(key))[:40]!r} must be text of at most {limit:,} characters")
         return data
 
     @field_validator("train_config", "train_recipe")

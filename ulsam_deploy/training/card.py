@@ -4,6 +4,7 @@ card ``README.md`` (exact command, data, recipe, per-epoch log, time, machine)."
 from __future__ import annotations
 
 import json
+from collections import Counter
 import platform
 from dataclasses import asdict
 from pathlib import Path
@@ -14,19 +15,43 @@ from ..nets import MobileNet, save_checkpoint
 from ..nets.build import sha256_file
 from ..store.fileio import write_text_atomic
 from .data import TrainData
-from .train import Accuracy, TrainResult
+from .train import Accuracy, TrainConfig, TrainResult
+
+
+def checkpoint_extra(data: TrainData, config: TrainConfig, test: Accuracy, origin: str | None = None,
+                     teacher: str | None = None) -> dict[str, str]:
+    """The metadata a trained checkpoint carries (class names as UTF-8 JSON: a label set in any script)."""
+    return {"dataset": data.name, "preprocessing": json.dumps(data.preprocessing.to_dict()),
+            "test_top1": f"{test.top1:.2f}", "test_top5": f"{test.top5:.2f}", "test_count": str(test.count),
+            "train_config": json.dumps(asdict(config)), "train_recipe": json.dumps(asdict(data.recipe)),
+            **({"origin": origin} if origin else {}), **({"teacher": teacher} if teacher else {}),
+            **({"class_names": json.dumps(list(data.class_names), ensure_ascii=False)} if data.class_names else {})}
+
+
+def check_writable(model: MobileNet, data: TrainData, config: TrainConfig, origin: str | None = None,
+                   teacher: str | None = None) -> None:
+    """Refuse, before the first epoch, a run whose model folder could not be written or read back at its end
+    (the metadata of the final checkpoint is validated as a reader would, with placeholder accuracies)."""
+    from pydantic import ValidationError
+
+    from ..errors import UlsamError, validation_line
+    from ..nets.metadata import FORMAT_TAG, CheckpointMetadata
+
+    extra = checkpoint_extra(data, config, Accuracy(100.0, 100.0, data.evaluation.count), origin, teacher)
+    try:
+        CheckpointMetadata.model_validate({"format": FORMAT_TAG, "spec": model.spec.to_json(), **extra})
+    except ValidationError as exc:
+        raise UlsamError(f"the model this run would write could not be read back: its metadata "
+                         f"{validation_line(exc)}", "shorten the class folder names (at most 256 characters) or "
+                         "use fewer classes (at most 100,000)") from None
 
 
 def write_model_folder(model: MobileNet, folder: Path, data: TrainData, result: TrainResult, test: Accuracy,
                        command: str, origin: str | None = None, teacher: str | None = None) -> Path:
     """``folder/model.safetensors`` and ``folder/README.md``; returns the checkpoint path."""
     spec, config = model.spec, result.config
-    dataset = data.name if "classes" not in data.extra else str(data.name)
-    meta = {"dataset": dataset, "preprocessing": json.dumps(data.preprocessing.to_dict()),
-            "test_top1": f"{test.top1:.2f}", "test_top5": f"{test.top5:.2f}", "test_count": str(test.count),
-            "train_config": json.dumps(asdict(config)), "train_recipe": json.dumps(asdict(data.recipe)),
-            **({"origin": origin} if origin else {}), **({"teacher": teacher} if teacher else {}),
-            **({"class_names": json.dumps(list(data.class_names))} if data.class_names else {})}
+    dataset = data.name
+    meta = checkpoint_extra(data, config, test, origin, teacher)
     checkpoint = save_checkpoint(model.cpu().to(memory_format=torch.contiguous_format), Path(folder) / "model.safetensors",
                                  extra=meta)
     params = sum(p.numel() for p in model.parameters())
@@ -49,7 +74,7 @@ def write_model_folder(model: MobileNet, folder: Path, data: TrainData, result: 
 | training time | {result.seconds:.0f} s, {result.world_size} process(es) on {result.device} ({_machine()}) |
 | checkpoint sha256 | `{sha256_file(checkpoint)}` |
 
-Data: {data.description}, normalised with `{json.dumps(data.preprocessing.to_dict())}`.
+Data: {data.description}, normalised with `{json.dumps(data.preprocessing.to_dict())}`.{_data_problems(data, result)}
 
 Initial weights: {origin or 'random (seed ' + str(config.seed) + ')'}.
 
@@ -87,3 +112,26 @@ def _machine() -> str:
 def _frozen(config) -> str:
     n = config.freeze_backbone_epochs
     return f"; backbone frozen for the first {n} epoch{'s' if n != 1 else ''}" if n else ""
+
+
+def _data_problems(data: TrainData, result: TrainResult) -> str:
+    """What the run could not use: files the scan skipped (counted by reason), images unreadable mid-run."""
+    lines = []
+    skipped = data.extra.get("scan_skipped", [])
+    if skipped:
+        reasons = Counter(_kind(why) for _, why in skipped)
+        lines.append(f"Skipped by the scan: {len(skipped)} file(s) - " + ", ".join(f"{n} {why}" for why, n in
+                                                                                  reasons.most_common()) + ".")
+    total = sum(log.skipped for log in result.history)
+    if total:
+        listed = "; ".join(f"`{name}`: {why}" for name, why in list(result.unreadable.items())[:10])
+        more = f" (and {len(result.unreadable) - 10} more)" if len(result.unreadable) > 10 else ""
+        lines.append(f"Unreadable while training: {total} read(s) over the epochs, each replaced by the next readable "
+                     f"image - {listed}{more}.")
+    return "".join("\n\n" + line for line in lines)
+
+
+def _kind(why: str) -> str:
+    """A skip reason without the file's own name and sizes, so that equal reasons count together."""
+    text = why.split(" is ", 1)[-1] if " is " in why else why
+    return text.split(": ", 1)[0][:80]

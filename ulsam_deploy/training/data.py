@@ -11,6 +11,11 @@ Augmentation by kind of data:
 
 Every random draw of a sample comes from a generator seeded by (seed, epoch, rank, index), so a run is
 reproducible whatever the number of workers, and a resumed run sees the data an uninterrupted one saw.
+
+An image that cannot be read while training runs (truncated past its header, deleted, replaced) does not stop
+the run: the sample is replaced by the next readable one in index order - the same choice in every process, so
+distributed batches stay the same size - and reported with its reason as the third item of the sample. The
+loop counts them, stops past :data:`MAX_BAD_FRACTION`, and the card lists them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from ..data.stream import Source, files_fingerprint
 from ..errors import InputFileError, UlsamError, printable
 
 VAL_FRACTION = 0.1                 # held out of a training folder per class when no --val is given
+MAX_BAD_FRACTION = 0.01            # unreadable training images tolerated per epoch and process (and at
+MIN_BAD_TOLERATED = 2              # least this many, for small sets); past that the run stops
+SUBSTITUTE_TRIES = 16              # readable neighbours tried in place of an unreadable image
 RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 
 
@@ -53,9 +61,10 @@ class TrainSet(torch.utils.data.Dataset):
     """``(CHW float32 tensor, label)`` per index; ``set_epoch`` before each epoch (workers copy it)."""
 
     def __init__(self, name: str, count: int, image_of, labels: np.ndarray, prep: Preprocessing, recipe: Recipe,
-                 seed: int = 0, rank: int = 0):
+                 seed: int = 0, rank: int = 0, describe=None):
         self.name, self.count, self._image_of, self.labels = name, count, image_of, labels
         self.prep, self.recipe, self.seed, self.rank, self.epoch = prep, recipe, seed, rank, 0
+        self._describe = describe or (lambda i: f"#{i}")
 
     def __len__(self) -> int:
         return self.count
@@ -64,8 +73,24 @@ class TrainSet(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int):
-        rng = random.Random(hash((self.seed, self.epoch, self.rank, int(index))))
-        image = self._image_of(int(index))
+        """``(image, label, skipped)``: ``skipped`` is "" or "<file>: <why it could not be read>" when the image
+        at ``index`` was replaced by a readable neighbour (whose label comes with it)."""
+        index, skipped = int(index), ""
+        for _ in range(SUBSTITUTE_TRIES + 1):
+            try:
+                image = self._image_of(index)
+                break
+            except (InputFileError, OSError) as exc:   # truncated, deleted or replaced since the scan
+                if not skipped:
+                    why = exc.message if isinstance(exc, InputFileError) else printable(str(exc))
+                    skipped = f"{self._describe(index)}: {why[:200]}"
+                index = (index + 1) % self.count
+        else:   # nothing readable near it: the bound on unreadable images stops the run
+            return torch.zeros(3, self.prep.size, self.prep.size), int(self.labels[index]), skipped
+        return (*self._sample(index, image), skipped)
+
+    def _sample(self, index: int, image) -> tuple[torch.Tensor, int]:
+        rng = random.Random(hash((self.seed, self.epoch, self.rank, index)))
         if self.recipe.kind == "random-resized-crop":
             image = _random_resized_crop(image, self.prep.size, RESAMPLING[self.recipe.interpolation], rng)
             if self.recipe.hflip and rng.random() < 0.5:
@@ -151,12 +176,13 @@ def reference_data(module, name: str, size: int, model_prep: Preprocessing, max_
 def folder_data(root: Path, val: Path | None, prep: Preprocessing, hflip: bool, seed: int) -> TrainData:
     """An ImageFolder ``root/<class>/*``: trained with the ImageNet recipe; evaluated on ``val`` (same class
     folders) or, without one, on 10 % of each class held out of training (a fixed, seeded choice)."""
-    classes, paths, labels = _scan(root)
+    classes, paths, labels, skipped = _scan(root)
     if len(classes) < 2:
         raise InputFileError(f"{root} has {len(classes)} class folder{'s' if len(classes) != 1 else ''}; a classifier "
                              "needs at least 2", "lay the images out as DIR/<class>/*, one folder per class")
     if val is not None:
-        val_classes, val_paths, val_labels = _scan(val)
+        val_classes, val_paths, val_labels, val_skipped = _scan(val)
+        skipped += val_skipped
         if val_classes != classes:
             raise InputFileError(f"--val {val} has the classes {_few(val_classes)}, the training folder {_few(classes)}",
                                  "use the same class folder names in both")
@@ -171,7 +197,7 @@ def folder_data(root: Path, val: Path | None, prep: Preprocessing, hflip: bool, 
                 f"seed {seed}); trained on the other {len(train_paths):,}")
     recipe = Recipe("random-resized-crop", 0, hflip, prep.interpolation)
     train = TrainSet(str(root), len(train_paths), lambda i: open_rgb(train_paths[i]), np.asarray(train_labels),
-                     prep, recipe, seed)
+                     prep, recipe, seed, describe=lambda i: _relative(train_paths[i]))
 
     def load(i: int):
         with open_rgb(val_paths[i]) as image:
@@ -181,7 +207,7 @@ def folder_data(root: Path, val: Path | None, prep: Preprocessing, hflip: bool, 
                         files_fingerprint(val_paths, f"val:{classes}:{prep.to_dict()}"), num_classes=len(classes))
     evaluation.describe_sample = lambda i: f"{val_paths[i].parent.name}/{val_paths[i].name}"
     return TrainData(str(root), train, evaluation, prep, recipe, f"the ImageFolder `{root}` ({len(classes)} classes)",
-                     note, len(classes), {"classes": classes}, tuple(class_name(c, i) for i, c in enumerate(classes)))
+                     note, len(classes), {"classes": classes, "scan_skipped": skipped}, _labels(root, classes))
 
 
 def class_name(folder: str, index: int) -> str:
@@ -190,17 +216,39 @@ def class_name(folder: str, index: int) -> str:
     return name or f"class_{index}"
 
 
-def _scan(root: Path) -> tuple[list[str], list[Path], list[int]]:
+def _labels(root: Path, classes: list[str]) -> tuple[str, ...]:
+    """The class labels of the folders; two folders whose labels come out the same are refused."""
+    labels = tuple(class_name(c, i) for i, c in enumerate(classes))
+    first: dict[str, str] = {}
+    for folder, label in zip(classes, labels):
+        if label in first:
+            raise InputFileError(f"{printable(str(root))}: the class folders {printable(first[label])!r} and "
+                                 f"{printable(folder)!r} both become the label {label!r} (control characters and "
+                                 "edge spaces are not kept)", "rename one of them")
+        first[label] = folder
+    return labels
+
+
+def _relative(path: Path) -> str:
+    return printable(f"{path.parent.name}/{path.name}")
+
+
+def _scan(root: Path) -> tuple[list[str], list[Path], list[int], list[tuple[str, str]]]:
+    """Class folders, usable image paths and labels, and the files skipped (``class/file``, why)."""
     classes = class_folders(root)
     paths: list[Path] = []
     labels: list[int] = []
+    skipped: list[tuple[str, str]] = []
     for index, name in enumerate(classes):
-        found = scan_images(Path(root) / name, decode=False).paths
-        paths += found
-        labels += [index] * len(found)
-    if not paths:
-        raise InputFileError(f"no usable images under {root}", "lay the images out as DIR/<class>/*")
-    return classes, paths, labels
+        scan = scan_images(Path(root) / name, decode=False)
+        skipped += [(_relative(path), why) for path, why in scan.skipped]
+        if not scan.paths:
+            reason = f" ({len(scan.skipped)} file(s) skipped, e.g. {scan.skipped[0][1]})" if scan.skipped else ""
+            raise InputFileError(f"{printable(str(root))}: the class folder {printable(name)!r} has no usable "
+                                 f"images{reason}", "add its images, or remove the folder if it is not a class")
+        paths += scan.paths
+        labels += [index] * len(scan.paths)
+    return classes, paths, labels, skipped
 
 
 def _held_out(labels: list[int], seed: int) -> set[int]:

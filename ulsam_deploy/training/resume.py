@@ -39,7 +39,7 @@ def _number(value, kind=float) -> bool:
 def check_state(state: dict, path: Path, model: torch.nn.Module, optimiser: torch.optim.Optimizer,
                 epochs: int, world_size: int, amp: bool) -> None:
     """Raise :class:`BadState` naming the first field of ``state`` that cannot be resumed into these objects."""
-    from .train import EpochLog
+    from .train import MAX_LISTED, EpochLog
 
     missing = [key for key in KEYS if key not in state]
     if missing:
@@ -70,6 +70,10 @@ def check_state(state: dict, path: Path, model: torch.nn.Module, optimiser: torc
         raise BadState(f"--resume: the run in {path.parent} was trained by {recorded!r} process(es), this one has "
                        f"{world_size}", f"resume with --nproc {recorded}" if _number(recorded, int) and recorded > 0
                        else "start afresh with --force")
+    unreadable = state.get("unreadable", {})
+    if not isinstance(unreadable, dict) or len(unreadable) > MAX_LISTED or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) + len(v) < 1024 for k, v in unreadable.items()):
+        raise _fail(path, "unreadable", f"is not a list of at most {MAX_LISTED} image names and reasons")
     scaler = state.get("scaler", {})
     if not isinstance(scaler, dict) or (scaler and not amp):
         raise _fail(path, "scaler", "does not belong to this run's precision")

@@ -66,6 +66,7 @@ def _process_device(chosen: torch.device) -> torch.device:
 def run_training(request: RunRequest) -> dict | None:
     """Train as ``request`` asks; rank 0 returns the summary (``--json``), other ranks None."""
     from ..workflow import teacher_model, training_setup
+    from .card import check_writable
     from .state import folder_lock
 
     device = _process_device(choose_device(request.device))
@@ -76,6 +77,8 @@ def run_training(request: RunRequest) -> dict | None:
                                      request.shift, request.hflip, request.config.seed,
                                      allow_large=request.allow_large)
         teacher = teacher_model(request.teacher, model.spec) if request.teacher is not None else None
+        sources = _sources(request)
+        check_writable(model, data, request.config, *sources)
         with folder_lock(request.out) if world.main else contextlib.nullcontext():
             with _progress(world, request.config, data) as hooks:
                 try:
@@ -88,15 +91,15 @@ def run_training(request: RunRequest) -> dict | None:
                     raise lost from None
             if not world.main:
                 return None
-            return _finish(model, data, result, request)
+            return _finish(model, data, result, request, *sources)
     finally:
         leave()
 
 
-def _finish(model, data, result, request: RunRequest) -> dict:
+def _sources(request: RunRequest) -> tuple[str | None, str | None]:
+    """Where the initial weights and the teacher come from, as the model's metadata records them."""
     from ..nets.build import checkpoint_file, sha256_file
     from ..workflow import checkpoint_metadata
-    from .card import write_model_folder
 
     origin = None
     if request.start_from is not None:
@@ -105,6 +108,12 @@ def _finish(model, data, result, request: RunRequest) -> dict:
                   + (f", itself from {before}" if before else ""))
     teacher = (f"{request.teacher} (sha256 {sha256_file(checkpoint_file(request.teacher))})"
                if request.teacher is not None else None)
+    return origin, teacher
+
+
+def _finish(model, data, result, request: RunRequest, origin: str | None, teacher: str | None) -> dict:
+    from .card import write_model_folder
+
     final = result.final
     write_model_folder(model, request.out, data, result, final, request.command, origin, teacher)
     (request.out / STATE).unlink(missing_ok=True)     # finished: the model folder is the result
@@ -115,6 +124,8 @@ def _finish(model, data, result, request: RunRequest) -> dict:
             "evaluated_on": data.evaluation_note, "world_size": result.world_size, "device": result.device,
             "amp": request.config.amp, "steps": result.steps, "images_per_s": trained / max(result.seconds, 1e-9),
             "data_wait_s": round(waited, 2), "resumed_from_epoch": result.resumed_from_epoch,
+            "skipped_at_scan": len(data.extra.get("scan_skipped", [])),
+            "unreadable_reads": sum(log.skipped for log in result.history),
             "recipe": asdict(data.recipe), "history": [asdict(log) for log in result.history]}
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from ..data.stream import Source, batches
 from ..errors import Interrupted, RunFailed, UlsamError
 from ..nets import ULSAM, MobileNet
-from .data import TrainData
+from .data import MAX_BAD_FRACTION, MIN_BAD_TOLERATED, TrainData
 from .distributed import World, all_sum, average_batchnorm
 from .resume import check_state, load_into
 from .state import STATE, load_state, save_state
@@ -67,6 +67,7 @@ class EpochLog:
     seconds: float = 0.0
     data_wait_s: float = 0.0          # rank 0's time waiting for the loader
     images_per_s: float = 0.0
+    skipped: int = 0                  # unreadable training images replaced by a readable neighbour, all processes
 
 
 @dataclass
@@ -79,6 +80,7 @@ class TrainResult:
     steps: int = 0
     resumed_from_epoch: int = 0
     final: Accuracy | None = None     # after the last epoch (BatchNorm statistics averaged over processes)
+    unreadable: dict[str, str] = field(default_factory=dict)   # training image -> why it could not be read
 
 
 @dataclass
@@ -129,6 +131,7 @@ def train(model: MobileNet, data: TrainData, config: TrainConfig, out: Path, wor
         result.history = [EpochLog(**log) for log in state["history"]]
         result.seconds, result.steps = float(state["seconds"]), int(state["steps"])
         result.resumed_from_epoch = state["epoch"]
+        result.unreadable = dict(state.get("unreadable", {}))
     step = result.steps
     for epoch in range(result.resumed_from_epoch + 1, config.epochs + 1):
         if config.max_steps is not None and step >= config.max_steps:
@@ -137,13 +140,19 @@ def train(model: MobileNet, data: TrainData, config: TrainConfig, out: Path, wor
         sampler.set_epoch(epoch)
         data.train.set_epoch(epoch)
         try:
-            log, step = _epoch(net, model, teacher, loader, optimiser, scheduler, scaler, config, device, world,
-                               epoch, step, hooks)
+            log, step, unreadable = _epoch(net, model, teacher, loader, optimiser, scheduler, scaler, config, device,
+                                           world, epoch, step, hooks)
         except KeyboardInterrupt:
             done = result.resumed_from_epoch if not result.history else result.history[-1].epoch
             raise Interrupted(f"training interrupted in epoch {epoch}; epoch {done} of {config.epochs} is saved in "
                               f"{out}" if done else f"training interrupted in epoch {epoch}, before any epoch finished",
                               resume_hint if done else "start it again") from None
+        except _BadData as exc:
+            done = result.resumed_from_epoch if not result.history else result.history[-1].epoch
+            raise RunFailed(f"training stopped in epoch {epoch}: {exc}; "
+                            + (f"epoch {done} of {config.epochs} is saved in {out}" if done else "no epoch had finished"),
+                            "fix or remove the unreadable images (each was readable when the run started), then "
+                            + (resume_hint if done else "start it again")) from None
         except RuntimeError as exc:
             if "DataLoader worker" not in str(exc):
                 raise
@@ -153,6 +162,10 @@ def train(model: MobileNet, data: TrainData, config: TrainConfig, out: Path, wor
                             + (f"epoch {done} of {config.epochs} is saved in {out}" if done else "no epoch had finished"),
                             "out of memory? use fewer --workers or a smaller --batch-size, "
                             + (resume_hint if done else "and start it again")) from None
+        log.skipped = int(all_sum([len(unreadable)], world, device)[0])
+        for name, why in sorted(_gather(unreadable, world).items()):
+            if len(result.unreadable) < MAX_LISTED:
+                result.unreadable.setdefault(name, why)
         average_batchnorm(model, world)
         result.final = evaluate(model, data.evaluation, world, device, config.batch_size * 2)
         log.test_top1 = result.final.top1
@@ -163,7 +176,8 @@ def train(model: MobileNet, data: TrainData, config: TrainConfig, out: Path, wor
             save_state(out, {"model": model.state_dict(), "optimiser": optimiser.state_dict(),
                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                              "config": keyed, "history": [asdict(h) for h in result.history],
-                             "seconds": result.seconds, "steps": step, "world_size": world.size})
+                             "seconds": result.seconds, "steps": step, "world_size": world.size,
+                             "unreadable": result.unreadable})
         if hooks.on_epoch:
             hooks.on_epoch(log)
     if result.final is None and result.history:   # resumed with nothing left to train: the card still needs it
@@ -178,17 +192,26 @@ def _state_config(config: TrainConfig, model: MobileNet, data: TrainData) -> dic
 
 
 def _epoch(net, model, teacher, loader, optimiser, scheduler, scaler, config: TrainConfig, device, world: World,
-           epoch: int, step: int, hooks: Hooks) -> tuple[EpochLog, int]:
+           epoch: int, step: int, hooks: Hooks) -> tuple[EpochLog, int, dict[str, str]]:
     net.train()
     _freeze_backbone(model, epoch <= config.freeze_backbone_epochs)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
     seen = correct = 0
     loss_sum = wait = 0.0
     start = tick = time.perf_counter()
-    for index, (x, y) in enumerate(loader):
+    unreadable: dict[str, str] = {}
+    limit = max(MAX_BAD_FRACTION * len(loader.sampler), MIN_BAD_TOLERATED)
+    for index, (x, y, skipped) in enumerate(loader):
         wait += time.perf_counter() - tick
         if config.max_steps is not None and step >= config.max_steps:
             break
+        for text in filter(None, skipped):
+            name, _, why = text.partition(": ")
+            unreadable[name] = why
+        if len(unreadable) > limit:
+            name = next(iter(unreadable))
+            raise _BadData(f"{len(unreadable)} of the {len(loader.sampler):,} images this process reads could not be "
+                           f"read (more than {MAX_BAD_FRACTION:.0%}; e.g. {name}: {unreadable[name]})")
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -210,7 +233,26 @@ def _epoch(net, model, teacher, loader, optimiser, scheduler, scaler, config: Tr
     seen_all, correct_all, loss_all = all_sum([seen, correct, loss_sum], world, device)
     log = EpochLog(epoch, loss_all / max(seen_all, 1), 100.0 * correct_all / max(seen_all, 1), images=int(seen_all),
                    seconds=seconds, data_wait_s=wait, images_per_s=seen_all / max(seconds, 1e-9))
-    return log, step
+    return log, step, unreadable
+
+
+MAX_LISTED = 1000   # unreadable images named in the training state and the card
+
+
+class _BadData(Exception):
+    """More unreadable training images than the run tolerates."""
+
+
+def _gather(unreadable: dict[str, str], world: World) -> dict[str, str]:
+    """Every process's unreadable images of the epoch (the names a process saw; at most MAX_LISTED each)."""
+    mine = dict(sorted(unreadable.items())[:MAX_LISTED])
+    if not world.distributed:
+        return mine
+    import torch.distributed as dist
+
+    parts: list = [None] * world.size
+    dist.all_gather_object(parts, mine)
+    return {name: why for part in parts for name, why in part.items()}
 
 
 def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
