@@ -82,7 +82,7 @@ def test_pack_is_byte_identical_twice_and_zip_holds_the_folder(export, packed, t
     assert meta["pack_id"] == summary["pack_id"] == device_verify.pack_id_of(meta)
     assert set(meta["artifacts"]) == {"onnx", "onnx-int8", "onnx-int8-trt"}
     assert meta["artifacts"]["onnx-int8-trt"]["graph"] == "qdq" and meta["artifacts"]["onnx"]["graph"] == "fused"
-    assert meta["artifacts"]["onnx"]["thresholds"]["max_abs"] == 1e-4
+    assert meta["artifacts"]["onnx"]["thresholds"]["max_abs_rel"] == 1e-5
     assert np.load(pack / "inputs.npy").shape == (48, 3, 64, 64) and np.load(pack / "labels.npy").shape == (48,)
     assert (export / "packs" / meta["pack_id"] / "reference.npy").read_bytes() == (pack / "reference.npy").read_bytes()
 

@@ -85,6 +85,8 @@ def check(export_dir: ExportDir = None, options: o.ModelOptions = None,
           model: o.ModelPath = None, formats: Formats = None, data: Data = None, threads: Threads = 0,
           calib: Calib = None, calib_samples: CalibSamples = None, calib_method: CalibMethod = None,
           max_abs: Annotated[Optional[float], typer.Option("--max-abs", help="Override: max |logit diff|.")] = None,
+          max_abs_rel: Annotated[Optional[float], typer.Option(
+              "--max-abs-rel", help="Override: max |logit diff| / the reference's logit range.")] = None,
           min_top1: Annotated[Optional[float], typer.Option("--min-top1", help="Override: min top-1 agreement %.")] = None,
           min_cosine: Annotated[Optional[float], typer.Option("--min-cosine", help="Override: min logit cosine.")] = None,
           min_acc_delta: Annotated[Optional[float], typer.Option("--min-acc-delta", help="Override: min accuracy delta, points.")] = None,
@@ -92,7 +94,7 @@ def check(export_dir: ExportDir = None, options: o.ModelOptions = None,
           force: o.Unsafe = False, json_out: o.Json = False) -> None:
     """The CI gate: parity against the thresholds table; exit 1 naming each breached metric. With
     --device-result or --emulate: the verdicts of a pack's run on a device or an emulated CPU."""
-    overrides = {"max_abs": max_abs, "min_top1_agreement": min_top1, "min_cosine": min_cosine,
+    overrides = {"max_abs": max_abs, "max_abs_rel": max_abs_rel, "min_top1_agreement": min_top1, "min_cosine": min_cosine,
                  "min_accuracy_delta": min_acc_delta}
     if device_result is not None or emulate is not None:
         o.refuse_with_export(export_dir, options, **{"--calib": calib, "--calib-samples": calib_samples,

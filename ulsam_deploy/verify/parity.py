@@ -27,8 +27,12 @@ class Thresholds:
 
 
 # (backend or "*", precision) -> thresholds. The most specific row wins.
+# fp32 tolerances scale with the reference's logit range: rounding differences grow with the logits' scale
+# (measured against eager on 9 models with logit ranges 0.3-238: max abs / range 1.8e-7 to 9.1e-7 in ONNX
+# Runtime), while a fixed 1e-4 failed a correct export of a model with large logits (2.2e-4 at range 238)
+# and allowed 5e-4 of the range on one with small logits.
 THRESHOLDS: dict[tuple[str, str], Thresholds] = {
-    ("*", "fp32"): Thresholds(max_abs=1e-4, min_top1_agreement=100.0),
+    ("*", "fp32"): Thresholds(max_abs_rel=1e-5, min_top1_agreement=100.0),
     ("litert", "fp32"): Thresholds(max_abs_rel=1e-4, min_top1_agreement=100.0),
     ("*", "fp16"): Thresholds(min_top1_agreement=99.5, min_cosine=0.999),
     ("*", "int8"): Thresholds(min_top1_agreement=99.0, min_accuracy_delta=-1.0),
@@ -38,7 +42,10 @@ THRESHOLDS: dict[tuple[str, str], Thresholds] = {
 
 def thresholds_for(backend: str, precision: str, overrides: dict | None = None) -> Thresholds:
     base = THRESHOLDS.get((backend, precision)) or THRESHOLDS.get(("*", precision)) or Thresholds()
-    return replace(base, **{k: v for k, v in (overrides or {}).items() if v is not None})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "max_abs" in given and "max_abs_rel" not in given:   # an absolute bound asked for replaces the relative one
+        given["max_abs_rel"] = None
+    return replace(base, **given)
 
 
 @dataclass
