@@ -16,7 +16,7 @@ import pytest
 
 from small_models import model_file
 from ulsam_deploy.store.manifest import Manifest
-from ulsam_deploy.verify import device_verify
+from ulsam_deploy.verify import arm64_env, device_verify
 from ulsam_deploy.verify.parity import ParityAccumulator, Thresholds, judge, ParityResult
 
 IMAGES = "48"
@@ -321,10 +321,11 @@ def test_verifier_runs_where_torch_and_this_package_cannot_be_imported(packed, t
 
 
 QEMU = shutil.which("qemu-x86_64")
+X86 = __import__("platform").machine().lower() in ("x86_64", "amd64")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(QEMU is None or __import__("platform").machine().lower() not in ("x86_64", "amd64"),
+@pytest.mark.skipif(QEMU is None or not X86,
                     reason="qemu-x86_64 is not installed on an x86 host: `make emulator` or `apt-get install qemu-user`")
 @pytest.mark.parametrize("cpu,probe", [("haswell", "saturates"), ("nehalem", "exact")])
 def test_emulated_run_is_recorded_as_emulated(export, cli, cpu, probe):
@@ -337,6 +338,24 @@ def test_emulated_run_is_recorded_as_emulated(export, cli, cpu, probe):
     assert entry["emulated"] is True and entry["emulated_cpu"] == cpu.capitalize() and entry["int8_probe"] == probe
     assert entry["images"] == 8 and entry["threads"] == 1 and set(entry["artifacts"]) == {"onnx-int8", "onnx-int8-trt"}
     assert all(a["passed"] for a in entry["artifacts"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (X86 and arm64_env.is_built()), reason="the ARM64 emulation environment is not built here "
+                                                             "(or this is no x86-64 host): `make emulator-arm64`")
+@pytest.mark.parametrize("cpu,label", [("cortex-a76", "Cortex-A76"), ("neoverse-n2", "Neoverse-N2")])
+def test_emulated_arm64_run_is_recorded_as_emulated(export, cli, cpu, label):
+    code, stdout, err = cli("check", "--export", export, "--emulate", cpu, "--data", "digits", "--images", "8",
+                            "--json")
+    assert code == 0, err
+    run = json.loads(stdout)
+    assert run["emulated"] is True and run["device"] == f"{label} (emulated)" and run["probe"] == "exact"
+    assert run["identity"]["machine"] == "aarch64"
+    entry = Manifest.load(export).data["verified_on"][-1]
+    assert entry["emulated"] is True and entry["emulated_cpu"] == label and entry["device"]["machine"] == "aarch64"
+    assert entry["images"] == 8 and entry["threads"] == 1 and set(entry["artifacts"]) == {"onnx-int8", "onnx-int8-trt"}
+    assert all(a["passed"] for a in entry["artifacts"].values())
+    assert entry["device"]["runtimes"]["onnxruntime"].startswith("onnxruntime ")
 
 
 def test_emulation_defaults_to_the_int8_artifacts(export):

@@ -17,8 +17,9 @@ DeviceResult = Annotated[Optional[Path], typer.Option(
     "--device-result", help="A result.json written by a pack's verify.py: recompute its verdicts here, record "
                             "them in the manifest (verified_on).")]
 Emulate = Annotated[Optional[str], typer.Option(
-    "--emulate", help="Run a pack of the export on an emulated CPU (haswell, nehalem; QEMU user mode), one thread, "
-                      "and record it as emulated. Default formats: the INT8 ones.")]
+    "--emulate", help="Run a pack of the export on an emulated CPU (haswell, nehalem; cortex-a72, cortex-a76, "
+                      "neoverse-n2 once `make emulator-arm64` has built their environment; QEMU user mode), one "
+                      "thread, and record it as emulated. Default formats: the INT8 ones.")]
 EmulateImages = Annotated[Optional[int], typer.Option(
     "--images", min=1, max=1_000_000, help="With --emulate: images to run (default 64).")]
 
@@ -64,13 +65,16 @@ def device_check(export_dir: Path | None, device_result: Path | None, emulate: s
 
         run = bring_home(export_dir, device_result, overrides)
     else:
-        from ..verify.emulate import EMULATE_IMAGES, emulator, run_emulated
+        from ..verify.emulate import EMULATE_IMAGES, emulator, not_run_line, run_emulated, split_formats
 
-        emulator(emulate)          # before a pack is made: refused at once where QEMU cannot run
+        emulated = emulator(emulate)          # before a pack is made: refused at once where QEMU cannot run
+        named, skipped = split_formats(export_dir, emulated, _named_formats(formats))
+        if skipped:
+            report.log(f"not run on {emulated.cpu.label} (emulated): {not_run_line(skipped)}")
         with report.progress() as bar:
             bar.add_task(f"verify.py under emulation ({emulate})", total=None)
-            run = run_emulated(export_dir, emulate, _named_formats(formats), data,
-                               EMULATE_IMAGES if images is None else images, overrides)
+            run = run_emulated(export_dir, emulate, named, data, EMULATE_IMAGES if images is None else images,
+                               overrides)
     report.print_json(run) if json_out else report.console.print(report.device_table(run))
     for r in run.results:
         if not r.passed:
