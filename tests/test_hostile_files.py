@@ -232,7 +232,9 @@ def test_export_never_calibrates_from_a_folder_a_checkpoint_names(tmp_path, bait
         requests.append(request)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("ulsam_deploy.export.pipeline.run_export", capture)
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("ulsam_deploy.export.pipeline"), "run_export", capture)
     with pytest.raises(KeyboardInterrupt):
         export_for(model, ModelOptions(), ExportOptions(("onnx", "onnx-int8"), tmp_path / "exp"))
     assert requests[0].calib_source == "photos" and requests[0].dataset is None

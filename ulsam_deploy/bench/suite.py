@@ -65,6 +65,7 @@ class BenchReport:
     rows: list[BenchRow] = field(default_factory=list)
     ratios: list[RatioRow] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    ops: list = field(default_factory=list)   # with --ops: each artifact's kernel time by op type
 
 
 @dataclass

@@ -30,13 +30,13 @@ def _manifest(export_dir, model, options: o.ModelOptions, formats, calib, calib_
 
 
 def _export(model, options: o.ModelOptions, export: ExportOptions):
-    """export_for with a progress line naming each step (hidden off a terminal)."""
-    from ..render import report
+    """The export of ``--model`` or of the model options (``--arch ...``), with a progress line naming each
+    step (hidden off a terminal): the same ``export_for`` the Python API runs."""
+    from ..api import _steps
     from ..workflow import export_for
 
-    with report.progress() as bar:
-        task = bar.add_task("export", total=None)
-        return export_for(model, options, export, on_step=lambda what: bar.update(task, description=f"export: {what}"))
+    with _steps(True, "export") as on_step:
+        return export_for(model, options, export, on_step=on_step)
 
 
 @o.model_options
@@ -109,17 +109,14 @@ def check(export_dir: ExportDir = None, options: o.ModelOptions = None,
 
 def _parity_command(export_dir, options: o.ModelOptions, model, formats, data, threads, calib, calib_samples, calib_method,
                     json_out, overrides, gate: bool, force: bool = False) -> None:
+    from .. import api
     from ..render import report
-    from ..verify.run import run_parity
 
     chosen = parse_formats(formats) if formats else None
     manifest = _manifest(export_dir, model, options, formats, calib, calib_samples, calib_method)
     given = model if export_dir is not None else None
-    with report.progress() as bar:
-        task = bar.add_task("parity", total=None)
-        run = run_parity(manifest.directory, list(chosen) if chosen else None, data, threads, overrides,
-                         given_model=given, force=force, on_start=lambda n: bar.update(task, total=n, description="parity"),
-                         on_batch=lambda n: bar.update(task, advance=n))
+    run = api.check(manifest.directory, formats, data=data, thresholds={k: v for k, v in overrides.items() if v is not None},
+                    threads=threads, model=given, force=force, progress=True)
     for warning in run.warnings:
         report.log(f"warning: {warning}")
     if json_out:

@@ -27,7 +27,7 @@ def inspect(export_dir: ExportDir = None, options: o.ModelOptions = None, model:
     from ..render import report
     from ..render import inspect as report_inspect
     from ..export import parse_formats
-    from ..verify.inspect import inspect_export
+    from .. import api
 
     if plot is not None and (plot.suffix.lower() != ".png" or plot.is_dir()):
         raise UlsamError(f"--plot {plot} must be a .png file path")
@@ -35,10 +35,7 @@ def inspect(export_dir: ExportDir = None, options: o.ModelOptions = None, model:
     manifest = _manifest(export_dir, model, options, formats, calib, calib_samples, calib_method)
     # the formats named, not the ONNX they are built from (parse_formats adds it for export)
     named = _named(formats, chosen) if chosen else None
-    with report.progress() as bar:
-        task = bar.add_task("inspect", total=images)
-        result, samples = inspect_export(manifest.directory, named, data, images, threads,
-                                         on_batch=lambda n: bar.update(task, advance=n))
+    result, samples = api.inspect(manifest.directory, named, data=data, images=images, threads=threads, progress=True)
     if plot is not None:
         report_inspect.plot_inspection(result, samples, plot)
     if json_out:

@@ -10,11 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import Interrupted, UlsamError
+from ..errors import Interrupted
 from . import options as o
-
-AMP_MODES = ("off", "bf16", "fp16")
-
 
 @o.model_options
 def train(ctx: typer.Context, out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write (model.safetensors + README.md).")],
@@ -50,31 +47,16 @@ def train(ctx: typer.Context, out: Annotated[Path, typer.Option("--out", "-o", h
           allow_large: o.AllowLarge = False,
           seed: int = 0, json_out: o.Json = False) -> None:
     """Train on a reference set or an ImageFolder (streamed), on CPU or GPU, in one or several processes."""
-    from ..training.run import choose_device
-    from ..training.train import TrainConfig
     from ..training.distributed import check_nproc, launch, launched
-    from ..training.state import check_output
+    from ..training.run import validate_training
+    from ..training.train import TrainConfig
 
-    if schedule not in ("cosine", "step"):
-        raise UlsamError(f"--schedule {schedule!r} is unknown", "use cosine or step")
-    if amp not in AMP_MODES:
-        raise UlsamError(f"--amp {amp!r} is unknown", f"use {', '.join(AMP_MODES)}")
-    if teacher is not None and not teacher.exists():
-        raise UlsamError(f"--teacher {teacher} does not exist")
-    if val is not None and not val.is_dir():
-        raise UlsamError(f"--val {val} is not a folder")
-    chosen = choose_device(device)
-    if amp == "fp16" and chosen.type == "cpu":
-        raise UlsamError("--amp fp16 needs a CUDA device", "use --amp bf16 on CPU, or --device cuda")
-    if sync_bn and chosen.type != "cuda":
-        raise UlsamError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)",
-                         "drop it: on CPU the BatchNorm statistics are averaged over the processes after each epoch")
-    check_nproc(nproc, chosen)
-    check_output(out, force, resume)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed,
                          label_smoothing=label_smoothing, freeze_backbone_epochs=freeze_backbone_epochs,
                          max_steps=max_steps, workers=workers, amp=amp, sync_bn=sync_bn, kd_weight=kd_weight,
                          kd_temperature=kd_temperature)
+    chosen = validate_training(config, out, teacher, val, device, sync_bn, force, resume)
+    check_nproc(nproc, chosen)
     argv = _invoked_args(ctx)
     if nproc > 1 and not launched():
         # torchrun's own parser would take --nproc as its --nproc-per-node, so the processes get the command

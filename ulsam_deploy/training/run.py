@@ -54,6 +54,42 @@ def choose_device(name: str) -> torch.device:
     return device
 
 
+AMP_MODES = ("off", "bf16", "fp16")
+_RANGES = {"epochs": (1, 1000), "batch_size": (2, 4096), "lr": (1e-6, 10.0), "label_smoothing": (0.0, 0.5),
+           "workers": (0, 64), "max_steps": (1, 10 ** 12), "freeze_backbone_epochs": (0, 1000),
+           "kd_weight": (0.0, 1.0), "kd_temperature": (0.1, 100.0), "seed": (0, 2 ** 63 - 1)}
+
+
+def validate_training(config: TrainConfig, out: Path, teacher: Path | None, val: Path | None, device: str,
+                      sync_bn: bool, force: bool, resume: bool) -> torch.device:
+    """Every check of a training request that needs no data or model, before anything starts; the device."""
+    from .state import check_output
+
+    for name, (low, high) in _RANGES.items():
+        value = getattr(config, name)
+        whole = isinstance(low, int) and isinstance(high, int)
+        if value is None and name == "max_steps":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or not low <= value <= high:
+            raise UlsamError(f"{name.replace('_', '-')} {value!r} is out of range", f"use a value in [{low}, {high}]")
+    if config.schedule not in ("cosine", "step"):
+        raise UlsamError(f"--schedule {config.schedule!r} is unknown", "use cosine or step")
+    if config.amp not in AMP_MODES:
+        raise UlsamError(f"--amp {config.amp!r} is unknown", f"use {', '.join(AMP_MODES)}")
+    if teacher is not None and not teacher.exists():
+        raise UlsamError(f"--teacher {teacher} does not exist")
+    if val is not None and not val.is_dir():
+        raise UlsamError(f"--val {val} is not a folder")
+    chosen = choose_device(device)
+    if config.amp == "fp16" and chosen.type == "cpu":
+        raise UlsamError("--amp fp16 needs a CUDA device", "use --amp bf16 on CPU, or --device cuda")
+    if sync_bn and chosen.type != "cuda":
+        raise UlsamError("--sync-bn needs CUDA (SyncBatchNorm has no CPU kernel)",
+                         "drop it: on CPU the BatchNorm statistics are averaged over the processes after each epoch")
+    check_output(out, force, resume)
+    return chosen
+
+
 def _process_device(chosen: torch.device) -> torch.device:
     """Under torchrun on CUDA each process takes the GPU of its local rank."""
     if chosen.type == "cuda" and launched():
@@ -63,8 +99,9 @@ def _process_device(chosen: torch.device) -> torch.device:
     return chosen
 
 
-def run_training(request: RunRequest) -> dict | None:
-    """Train as ``request`` asks; rank 0 returns the summary (``--json``), other ranks None."""
+def run_training(request: RunRequest, quiet: bool = False) -> dict | None:
+    """Train as ``request`` asks; rank 0 returns the summary (``--json``), other ranks None. ``quiet``: no
+    progress and no per-epoch lines (the Python API's default)."""
     from ..workflow import teacher_model, training_setup
     from .card import check_writable
     from .state import folder_lock
@@ -80,7 +117,7 @@ def run_training(request: RunRequest) -> dict | None:
         sources = _sources(request)
         check_writable(model, data, request.config, *sources)
         with folder_lock(request.out) if world.main else contextlib.nullcontext():
-            with _progress(world, request.config, data) as hooks:
+            with _progress(world, request.config, data, quiet) as hooks:
                 try:
                     result = train(model, data, request.config, request.out, world, device, teacher, request.resume,
                                    hooks, request.resume_command)
@@ -130,9 +167,9 @@ def _finish(model, data, result, request: RunRequest, origin: str | None, teache
 
 
 @contextlib.contextmanager
-def _progress(world: World, config: TrainConfig, data):
+def _progress(world: World, config: TrainConfig, data, quiet: bool = False):
     """Rich progress and one line per epoch, on rank 0 only."""
-    if not world.main:
+    if not world.main or quiet:
         yield Hooks()
         return
     from ..render import report
