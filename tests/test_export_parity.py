@@ -136,6 +136,20 @@ def test_parity_fp32_and_check_pass(exported, cli):
     assert row["max_abs"] <= 1e-4 and row["top1_agreement"] == 100.0 and row["passed"]
 
 
+def test_check_on_the_first_images_names_the_subset_and_caches_it_apart(exported, cli):
+    _, out, _ = exported
+    code, stdout, err = cli("check", "--export", out, "--data", "digits", "--formats", "onnx", "--images", "40",
+                            "--json")
+    assert code == 0, err
+    (row,) = json.loads(stdout)
+    assert row["count"] == 40 and row["data"] == "digits:test, first 40 of 360"
+    code, stdout, err = cli("check", "--export", out, "--data", "digits", "--formats", "onnx", "--json")
+    assert code == 0, err       # the whole set after the subset: its own cache entry, not the 40 rows
+    assert json.loads(stdout)[0]["count"] == 360
+    code, _, err = cli("check", "--export", out, "--images", "0")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_stale_model_is_refused(exported, cli, tmp_path):
     _, out, _ = exported
     changed = _model_file(tmp_path, seed=1, name="changed.safetensors")

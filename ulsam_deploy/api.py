@@ -103,9 +103,9 @@ def export_run(model, formats: Formats = "onnx", *, out=None, calib=None, calib_
 
 def check(export_dir: Union["Manifest", PathLike], formats: Formats = None, *, data: Optional[str] = None,
           thresholds: Optional[Mapping[str, float]] = None, threads: int = 0, model: Optional[PathLike] = None,
-          force: bool = False, progress: Progress = False) -> "ParityRun":
+          force: bool = False, progress: Progress = False, images: Optional[int] = None) -> "ParityRun":
     """The gate: every artifact of an export (or ``formats``) against the eager model on ``data`` (default:
-    the model's evaluation set); ``report.passed``, ``report.results`` (one row per artifact, with
+    the model's evaluation set; ``images``: its first N only); ``report.passed``, ``report.results`` (one row per artifact, with
     ``.passed`` and ``.breaches``), ``report.missing``. ``thresholds`` overrides the table by name
     (``max_abs``, ``max_abs_rel``, ``min_top1_agreement``, ``min_cosine``, ``min_accuracy_delta``);
     ``model`` makes sure the export was made from it."""
@@ -118,12 +118,14 @@ def check(export_dir: Union["Manifest", PathLike], formats: Formats = None, *, d
         raise UlsamError(f"thresholds: {unknown[0]!r} is not a threshold", f"use {', '.join(THRESHOLD_KEYS)}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise UlsamError(f"threads {threads!r} must be a whole number >= 0 (0: the runtime's default)")
+    if images is not None and (isinstance(images, bool) or not isinstance(images, int) or not 1 <= images <= 1_000_000):
+        raise UlsamError(f"images {images!r} must be a whole number in 1..1000000")
     chosen = parse_formats(_format_text(formats)) if formats else None
     directory = _export_dir(export_dir)
     with _bar(progress, "parity") as (on_start, on_batch):
         return run_parity(directory, list(chosen) if chosen else None, data, threads, overrides,
                           given_model=None if model is None else _existing(model, "model"), force=force,
-                          on_start=on_start, on_batch=on_batch)
+                          on_start=on_start, on_batch=on_batch, images=images)
 
 
 def inspect(export_dir: Union["Manifest", PathLike], formats: Optional[Sequence[str]] = None, *,

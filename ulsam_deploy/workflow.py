@@ -209,9 +209,9 @@ def parity_for(manifest, artifacts: list[str] | None, data: str | None, threads:
 def evaluate_stream(net: MobileNet, source, threads: int = 0, batch: int = 64, on_batch=None):
     """(top-1 %, top-5 %, images, StreamStats) of the eager model over a labelled stream."""
     from .data.stream import StreamStats, batches
-    from .runtime import torch_runner
+    from .runtime import reference_runner
 
-    stats, runner = StreamStats(), torch_runner(net, threads)
+    stats, runner = StreamStats(), reference_runner(net, threads)
     top1 = top5 = 0
     try:
         for chunk in batches(source, batch, stats=stats):

@@ -12,8 +12,11 @@ from ..export import parse_formats
 from ..export.options import ExportOptions
 from . import options as o
 from .options import Calib, CalibMethod, CalibSamples, Data, ExportDir, Formats, Out, Threads
-from .pack import DeviceResult, Emulate, EmulateImages, device_check
+from .pack import DeviceResult, Emulate, device_check
 
+CheckImages = Annotated[Optional[int], typer.Option(
+    "--images", min=1, max=1_000_000, help="Check the first N images of the data (default: all of them); with "
+                                           "--emulate: the images to run (default 64).")]
 FLOAT_BUDGET = 25.0   # percent of the model's MACs that --keep-float auto may keep in float
 
 
@@ -90,7 +93,7 @@ def check(export_dir: ExportDir = None, options: o.ModelOptions = None,
           min_top1: Annotated[Optional[float], typer.Option("--min-top1", help="Override: min top-1 agreement %.")] = None,
           min_cosine: Annotated[Optional[float], typer.Option("--min-cosine", help="Override: min logit cosine.")] = None,
           min_acc_delta: Annotated[Optional[float], typer.Option("--min-acc-delta", help="Override: min accuracy delta, points.")] = None,
-          device_result: DeviceResult = None, emulate: Emulate = None, images: EmulateImages = None,
+          device_result: DeviceResult = None, emulate: Emulate = None, images: CheckImages = None,
           force: o.Unsafe = False, json_out: o.Json = False) -> None:
     """The CI gate: parity against the thresholds table; exit 1 naming each breached metric. With
     --device-result or --emulate: the verdicts of a pack's run on a device or an emulated CPU."""
@@ -102,13 +105,12 @@ def check(export_dir: ExportDir = None, options: o.ModelOptions = None,
         o.refuse_unused("a pack's run is checked against the export it was made from", "drop it", **{"--model": model})
         return device_check(export_dir, device_result, emulate, images, formats, data, threads, force, overrides,
                             json_out)
-    o.refuse_unused("it applies to --emulate", "drop it, or add --emulate haswell", **{"--images": images})
     _parity_command(export_dir, options, model, formats, data, threads, calib, calib_samples, calib_method,
-                    json_out, overrides, gate=True, force=force)
+                    json_out, overrides, gate=True, force=force, images=images)
 
 
 def _parity_command(export_dir, options: o.ModelOptions, model, formats, data, threads, calib, calib_samples, calib_method,
-                    json_out, overrides, gate: bool, force: bool = False) -> None:
+                    json_out, overrides, gate: bool, force: bool = False, images: int | None = None) -> None:
     from .. import api
     from ..render import report
 
@@ -116,7 +118,7 @@ def _parity_command(export_dir, options: o.ModelOptions, model, formats, data, t
     manifest = _manifest(export_dir, model, options, formats, calib, calib_samples, calib_method)
     given = model if export_dir is not None else None
     run = api.check(manifest.directory, formats, data=data, thresholds={k: v for k, v in overrides.items() if v is not None},
-                    threads=threads, model=given, force=force, progress=True)
+                    threads=threads, model=given, force=force, progress=True, images=images)
     for warning in run.warnings:
         report.log(f"warning: {warning}")
     if json_out:

@@ -6,7 +6,15 @@ __all__ = ["RUNNERS", "Runner", "open_artifact", "open_entry", "run_batched", "r
 
 
 def torch_runner(model, threads: int = 0) -> Runner:
-    """The eager reference of an in-memory model as a Runner."""
+    """An in-memory model run eagerly as it is (what ``bench`` times as the torch row)."""
     from .torch import TorchRunner
 
     return TorchRunner(model=model, threads=threads)
+
+
+def reference_runner(model, threads: int = 0) -> Runner:
+    """The eager fp32 reference of parity and evaluation: the model with each BatchNorm folded into its
+    convolution (the same function, half the kernels; see :func:`~ulsam_deploy.runtime.torch.fold_batchnorm`)."""
+    from .torch import TorchRunner
+
+    return TorchRunner(model=model, threads=threads, fold_bn=True)

@@ -7,17 +7,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..nets import load_model
 
 
 class TorchRunner:
     """Runs in NHWC (channels_last): oneDNN's CPU convolutions, depthwise ones most, are faster on it (1.3-1.5x
-    per batch at 112 px here). The caller's model is copied, never re-laid out in place."""
+    per batch at 112 px here). The caller's model is copied, never re-laid out in place.
 
-    def __init__(self, path: Path | None = None, precision: str = "fp32", threads: int = 0, model=None):
+    ``fold_bn``: every BatchNorm folded into the convolution before it (:func:`fold_batchnorm`), the form
+    parity and evaluation run: one kernel instead of two per convolution."""
+
+    def __init__(self, path: Path | None = None, precision: str = "fp32", threads: int = 0, model=None,
+                 fold_bn: bool = False):
         model = copy.deepcopy(model) if model is not None else load_model(path)
-        self.model = model.eval().to(memory_format=torch.channels_last)
+        model = model.eval()
+        if fold_bn:
+            fold_batchnorm(model)
+        self.model = model.to(memory_format=torch.channels_last)
         self.name = f"torch-{precision}"
         if threads:
             # process-wide; setting it per call would rebuild the thread pool every time
@@ -32,3 +41,22 @@ class TorchRunner:
 
     def close(self) -> None:
         pass
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold, in place, each eval-mode BatchNorm2d into the Conv2d that feeds it: the conv_bn_act blocks
+    (a Sequential whose conv is followed by its BatchNorm) and ULSAM's ``dw``/``dw_bn`` and ``pw``/``pw_bn``
+    pairs. The function is the same; its rounding differs from the unfolded model's by a few units in the
+    last place (the exported graphs fold them too). Returns ``model``."""
+    from ..nets.ulsam import ULSAM
+
+    for module in model.modules():
+        if isinstance(module, nn.Sequential):
+            for i in range(len(module) - 1):
+                conv, bn = module[i], module[i + 1]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    module[i], module[i + 1] = fuse_conv_bn_eval(conv, bn), nn.Identity()
+        elif isinstance(module, ULSAM):
+            module.dw, module.dw_bn = fuse_conv_bn_eval(module.dw, module.dw_bn), nn.Identity()
+            module.pw, module.pw_bn = fuse_conv_bn_eval(module.pw, module.pw_bn), nn.Identity()
+    return model

@@ -1,7 +1,8 @@
 """Eager reference logits of a data set, kept in the export directory so that a second ``parity`` or
 ``check`` does not run the eager model again (it is the slowest runner).
 
-Keyed by the reference weights, the data (a fingerprint taken before decoding) and the preprocessing;
+Keyed by the reference weights, the data (a fingerprint taken before decoding), the preprocessing and the
+form the reference runs in (:data:`REFERENCE_FORM`);
 the decoded data's sha256 is stored too and compared when a pass ends. Rows are float32 logits in
 stream order, read back through a memory map, so memory stays flat in the number of images.
 """
@@ -19,10 +20,13 @@ from ..errors import StaleArtifactError
 from .fileio import atomic_path, write_json_atomic
 
 FOLDER = "reference-logits"
+# How the eager reference computes the cached rows (runtime.reference_runner): BatchNorm folded into the
+# convolutions. Rows computed another way are not reused.
+REFERENCE_FORM = "eager-bn-folded"
 
 
 def cache_key(weights_sha256: str, fingerprint: str, preprocessing: dict) -> str:
-    text = json.dumps([weights_sha256, fingerprint, preprocessing], sort_keys=True)
+    text = json.dumps([weights_sha256, fingerprint, preprocessing, REFERENCE_FORM], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

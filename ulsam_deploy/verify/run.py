@@ -21,7 +21,7 @@ from ..nets import load_model
 from .parity import ParityResult, PassTimes, compare_stream, judge, thresholds_for
 from ..store.refcache import ReferenceCache, cache_key
 from ..store.verified import verified_labels
-from ..runtime import open_entry, torch_runner
+from ..runtime import open_entry, reference_runner
 from ..runtime.isa import refusal
 
 
@@ -43,12 +43,17 @@ class ParityRun:
         return bool(self.results) and not self.missing and all(r.passed for r in self.results)
 
 
-def data_source(manifest: Manifest, data: str | None) -> Source:
+def data_source(manifest: Manifest, data: str | None, images: int | None = None) -> Source:
     """The stream parity runs on: ``data``, else the model's own test set (a reference set the manifest
-    names; never a path it holds), else the calibration photos, with the recorded preprocessing."""
+    names; never a path it holds), else the calibration photos, with the recorded preprocessing; with
+    ``images``, its first ``images`` samples (named so in the source's name, keyed apart in the cache)."""
     spec = manifest.spec
     prep = Preprocessing.from_dict(manifest.data["preprocessing"])
     source = evaluation_source(data or reference_set(manifest.data.get("dataset")) or "photos", spec.input_size, prep)
+    if images is not None and images < source.count:
+        source.name = f"{source.name}, first {images:,} of {source.count:,}"
+        source.fingerprint = f"{source.fingerprint}:first:{images}"
+        source.count = images
     if source.labelled and source.num_classes not in (None, spec.num_classes):
         # labels of another task say nothing about this model; the images still serve for parity
         source.labelled = False
@@ -80,8 +85,9 @@ def unsafe_here(manifest: Manifest, names: list[str], force: bool) -> list[str]:
 def run_parity(directory, formats: list[str] | None, data: str | None, threads: int, overrides: dict,
                batch: int = 32, given_model=None, workers: int = 2, force: bool = False,
                on_start: Callable[[int], None] | None = None,
-               on_batch: Callable[[int], None] | None = None) -> ParityRun:
-    """Parity of ``formats`` (default: every artifact listed or promised) of the export ``directory``.
+               on_batch: Callable[[int], None] | None = None, images: int | None = None) -> ParityRun:
+    """Parity of ``formats`` (default: every artifact listed or promised) of the export ``directory``, on
+    the first ``images`` samples of the data (default: all of them).
 
     An INT8 artifact whose encoding is not exact on this CPU is refused (UlsamError), or with ``force`` run
     and named in ``warnings``."""
@@ -92,7 +98,7 @@ def run_parity(directory, formats: list[str] | None, data: str | None, threads: 
             other = load_model(given_model)
             manifest.verify_model(other.spec, weights_sha256(other), str(given_model))
         names = formats or list(dict.fromkeys(manifest.promised + list(manifest.artifacts)))
-        source = data_source(manifest, data)
+        source = data_source(manifest, data, images)
         run = ParityRun(str(manifest.directory), source.name,
                         missing=[n for n in names if n not in manifest.artifacts])
         present = [n for n in names if n in manifest.artifacts]
@@ -139,7 +145,7 @@ def _pass(manifest, source, reference, key, runners, threads, batch, workers, st
         cache.finish_read(stats.count, stats.sha256)
         times.reference_cached = True
     else:
-        eager = torch_runner(reference, threads)
+        eager = reference_runner(reference, threads)
         writing = cache.start_write()
         classes: list[int] = []
 
