@@ -4,8 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 EXTRAS ?= dev,tflite,executorch
 STAMP  := $(VENV)/.installed-$(EXTRAS)
+DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: install emulator emulator-arm64 demo test test-fast clean gpu-check
+.PHONY: install emulator emulator-arm64 demo test test-fast docs clean gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,8 +55,16 @@ test: install emulator emulator-arm64
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The documentation site (README.md is its front page): mkdocs.yml, docs/; built into site/.
+$(DOCS_STAMP): pyproject.toml constraints.txt | $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[$(EXTRAS),docs]'
+	touch $@
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache
 
 # On a machine with an NVIDIA GPU and TensorRT (pip install 'ulsam-deploy[tensorrt]'): engines, check, bench.
 gpu-check: install
