@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The distillation table of the README: ULSAM surgery of models/mv2-fashion at 13,14,16,17, fine-tuned
+# The distillation table of docs/training.md: ULSAM surgery of models/mv2-fashion at 13,14,16,17, fine-tuned
 # 3 epochs on Fashion-MNIST with and without the unmodified model as teacher (test top-1 after each epoch).
 # Both runs side by side, one core each; each resumes where it stopped when the script is run again.
 set -euo pipefail

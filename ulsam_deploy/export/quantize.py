@@ -58,7 +58,7 @@ class Encoding:
     qdq_graph: bool = False            # ONNX Runtime checks it as its Q/DQ graph (what TensorRT computes)
 
 
-# Where ONNX Runtime's integer kernels compute each encoding's Q/DQ meaning (measured: see the README).
+# Where ONNX Runtime's integer kernels compute each encoding's Q/DQ meaning (measured: docs/formats.md).
 ENCODINGS = {
     "ort": Encoding("U8S8, 7-bit weights", False, True, {"x86_64": "any", "arm64": "any"}),
     "ort-vnni": Encoding("U8S8, 8-bit weights", False, False, {"x86_64": ["AVX512VNNI"], "arm64": "any"}),

@@ -3,7 +3,7 @@
 The programs are exported for batch 1 (what a phone runs), so a larger batch runs image by image.
 Threads: the XNNPACK delegate runs on ExecuTorch's one process-wide thread pool, which the Python runtime
 resizes only through ``_unsafe_reset_threadpool`` (experimental): it replaces the pool, and every program loaded
-before keeps running on the freed one (README, ExecuTorch: ``--threads 1`` hung or aborted). So the pool
+before keeps running on the freed one (docs/runtimes.md, ExecuTorch: ``--threads 1`` hung or aborted). So the pool
 is resized before the runner loads its program, and never while another runner's program is open: runners in
 one process share one count, as eager runners share ``torch.set_num_threads``.
 """
