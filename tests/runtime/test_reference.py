@@ -57,3 +57,19 @@ def test_cached_reference_rows_are_keyed_by_the_reference_form():
         assert cache_key("w", "data", {"size": 64}) != key
     finally:
         refcache.REFERENCE_FORM = saved
+
+
+def test_split_reference_gives_the_unsplit_logits_and_gives_the_threads_back():
+    model = realistic_model()
+    images = np.ascontiguousarray(digits.load("test", 64)[0][:37])     # an odd count: unequal slices
+    before = torch.get_num_threads()
+    whole = reference_runner(model, 1)
+    split = reference_runner(model, 3)
+    try:
+        a, b = whole(images), split(images)
+    finally:
+        whole.close()
+        split.close()
+    assert a.shape == b.shape == (37, 10)
+    assert np.abs(a - b).max() <= 1e-6 * (a.max() - a.min())
+    assert torch.get_num_threads() == before
