@@ -63,6 +63,7 @@ def test_a_shipped_model_loads_exports_and_checks_from_python(tmp_path):
     (lambda tmp: ud.export(torch.nn.Linear(2, 2), out=tmp / "x"), "Linear is not a model of ours"),
     (lambda tmp: ud.export(DIGITS, "onnx,bogus", out=tmp / "x"), "bogus"),
     (lambda tmp: ud.export(DIGITS, out=tmp / "x", class_names=["a"]), "class_names"),
+    (lambda tmp: ud.export(DIGITS, out=tmp / "x", keep_float="auto"), "keep_float 'auto'"),
     (lambda tmp: ud.check(tmp / "nothing-here"), "nothing-here"),
     (lambda tmp: ud.check(tmp, thresholds={"max_abss": 1.0}), "max_abss"),
     (lambda tmp: ud.check(tmp, threads=-1), "threads"),

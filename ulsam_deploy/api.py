@@ -89,6 +89,10 @@ def export_run(model, formats: Formats = "onnx", *, out=None, calib=None, calib_
     from .commands.options import export_options
     from .workflow import export_for
 
+    if isinstance(keep_float, (str, bytes)) or not all(isinstance(k, int) and not isinstance(k, bool)
+                                                       for k in keep_float):
+        raise UlsamError(f"keep_float {keep_float!r} must be paper layer numbers, e.g. (1, 2, 13)",
+                         "the search for them is the CLI's `export --keep-float auto`")
     request = export_options(_format_text(formats), calib, calib_samples, calib_method,
                              None if out is None else Path(out), tuple(keep_float),
                              keep_float_asked=keep_float_asked or bool(keep_float), allow_large=allow_large)
