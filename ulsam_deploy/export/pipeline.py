@@ -187,6 +187,7 @@ def _export_locked(request: ExportRequest, out: Path, calib: DataSet | None, res
     if calib is not None:
         manifest.data["calibration"] = calib.describe() | {"method": request.calib_method}
         manifest.save()
+    todo = []
     for name in request.formats:
         fmt = FORMATS[name]
         calib_info = manifest.data.get("calibration") if fmt.calibrated else None
@@ -194,26 +195,73 @@ def _export_locked(request: ExportRequest, out: Path, calib: DataSet | None, res
             entry = manifest.artifacts[name]
             result.artifacts.append(ExportedArtifact(name, entry["file"], fmt.precision, fmt.backend,
                                                      entry["size_bytes"] / 1e6, entry["seconds"], "kept"))
-            continue
-        on_step(name)
-        t0 = time.perf_counter()
-        details = _produce(name, request, manifest, calib)
-        if embed(fmt.backend, manifest.directory / fmt.filename, facts, name):
-            details["embedded_metadata"] = {"kind": "TFLITE_METADATA + labels.txt" if fmt.backend == "litert"
-                                            else "metadata_props", "facts_sha256": facts_sha256}
-        details["recipe"] = RECIPE
-        if name in KEEP_FLOAT_FORMATS:
-            details["keep_float"] = sorted(request.keep_float)
-        details["io"] = describe_io(manifest.directory / fmt.filename, fmt.backend)
-        if fmt.backend == "litert":
-            from ..runtime.litert import delegate_split
+        else:
+            todo.append(name)
 
-            details["xnnpack"] = delegate_split(manifest.directory / fmt.filename)
-        if fmt.calibrated:
-            details |= {"calibration_sha256": calib.sha256, "calibration_method": request.calib_method}
-        entry = manifest.record(name, fmt.filename, fmt.precision, fmt.backend, time.perf_counter() - t0, **details)
+    def record(name: str, details: dict, seconds: float) -> None:
+        fmt = FORMATS[name]
+        entry = manifest.record(name, fmt.filename, fmt.precision, fmt.backend, seconds, **details)
         result.artifacts.append(ExportedArtifact(name, fmt.filename, fmt.precision, fmt.backend,
                                                  entry["size_bytes"] / 1e6, entry["seconds"], "built"))
+
+    groups = lanes(todo)
+    workers = lane_workers(groups)
+    if workers > 1:
+        from .parallel import run_lanes
+
+        run_lanes(groups, workers, (request, str(out), calib), record, on_step)
+    else:
+        for name in todo:
+            on_step(name)
+            t0 = time.perf_counter()
+            record(name, build_artifact(name, request, manifest, calib, facts), time.perf_counter() - t0)
+    result.artifacts.sort(key=lambda a: request.formats.index(a.format))
+
+
+# Formats that share no work run in separate lanes: the ONNX family (and TensorRT, built from its ONNX
+# files), LiteRT (its own channels-last ONNX and converter) and each ExecuTorch program. Heaviest first.
+LANES = ("executorch-int8", "executorch-fp32", "litert", "onnx")
+
+
+def lanes(names: list[str]) -> list[list[str]]:
+    """``names`` (dependencies first) grouped into lanes that can be built side by side, heaviest first."""
+    def lane(name: str) -> str:
+        fmt = FORMATS[name]
+        return name if fmt.backend == "executorch" else "litert" if fmt.backend == "litert" else "onnx"
+
+    grouped: dict[str, list[str]] = {}
+    for name in names:
+        grouped.setdefault(lane(name), []).append(name)
+    return [grouped[key] for key in sorted(grouped, key=LANES.index)]
+
+
+def lane_workers(groups: list[list[str]]) -> int:
+    """Processes to build ``groups`` in: one per lane up to the cores this process may use
+    (``ULSAM_EXPORT_WORKERS`` overrides; 1 builds everything here, one artifact after another)."""
+    given = os.environ.get("ULSAM_EXPORT_WORKERS", "").strip()
+    cores = int(given) if given.isdigit() and int(given) > 0 else len(os.sched_getaffinity(0))
+    return max(1, min(len(groups), cores))
+
+
+def build_artifact(name: str, request: ExportRequest, manifest: Manifest, calib: DataSet | None, facts) -> dict:
+    """Write artifact ``name`` into the manifest's directory and return its manifest details (the entry
+    without the file's hash, size and time, which :meth:`Manifest.record` adds)."""
+    fmt = FORMATS[name]
+    details = _produce(name, request, manifest, calib)
+    if embed(fmt.backend, manifest.directory / fmt.filename, facts, name):
+        details["embedded_metadata"] = {"kind": "TFLITE_METADATA + labels.txt" if fmt.backend == "litert"
+                                        else "metadata_props", "facts_sha256": facts.sha256()}
+    details["recipe"] = RECIPE
+    if name in KEEP_FLOAT_FORMATS:
+        details["keep_float"] = sorted(request.keep_float)
+    details["io"] = describe_io(manifest.directory / fmt.filename, fmt.backend)
+    if fmt.backend == "litert":
+        from ..runtime.litert import delegate_split
+
+        details["xnnpack"] = delegate_split(manifest.directory / fmt.filename)
+    if fmt.calibrated:
+        details |= {"calibration_sha256": calib.sha256, "calibration_method": request.calib_method}
+    return details
 
 
 def _is_current(manifest: Manifest, name: str, calib: dict | None, keep_float: tuple[int, ...] = (),
