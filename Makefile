@@ -6,7 +6,7 @@ EXTRAS ?= dev,tflite,executorch
 STAMP  := $(VENV)/.installed-$(EXTRAS)
 DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: install emulator emulator-arm64 demo test test-fast docs clean gpu-check
+.PHONY: install emulator emulator-arm64 demo demo-full test test-fast docs clean gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,22 @@ emulator-arm64: install
 MODEL  ?= models/mv2-ulsam-13-14-16-17-g4-fashion-112
 VS     ?= models/mv2-fashion-112
 
+# `make demo` is a first look sized for about 5 minutes on 2 cores after install: the gate on the first
+# DEMO_IMAGES of the 10,000 test images, the benchmark of ONNX Runtime (fp32, INT8) without parity columns
+# (the gate has them). `make demo-full` runs the same steps on everything: all images, every backend.
+DEMO_IMAGES ?= 1000
+
 demo: install
+	$(BIN)/ulsam-deploy profile --paper
+	$(BIN)/ulsam-deploy profile --model $(MODEL)
+	$(BIN)/ulsam-deploy evaluate --model $(MODEL)
+	$(BIN)/ulsam-deploy export --model $(MODEL) --formats cpu
+	$(BIN)/ulsam-deploy check --model $(MODEL) --formats cpu --threads 2 --images $(DEMO_IMAGES)
+	$(BIN)/ulsam-deploy inspect --model $(MODEL) --formats onnx-int8,tflite-int8 --images 256 --plot runs/inspect.png
+	$(BIN)/ulsam-deploy bench --model $(MODEL) --vs $(VS) --backend onnxruntime --runs 50 --no-parity
+	@echo "demo: the gate ran on the first $(DEMO_IMAGES) of the 10,000 test images, the benchmark on ONNX Runtime; 'make demo-full' runs all of it"
+
+demo-full: install
 	$(BIN)/ulsam-deploy profile --paper
 	$(BIN)/ulsam-deploy profile --model $(MODEL)
 	$(BIN)/ulsam-deploy evaluate --model $(MODEL)
