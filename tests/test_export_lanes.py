@@ -47,3 +47,27 @@ def test_lanes_in_processes_give_the_serial_export(tmp_path, cli, monkeypatch):
         assert {k for k in parallel if k not in ("seconds",)} == {k for k in serial if k not in ("seconds",)}
         assert parallel["io"] == serial["io"] and parallel["recipe"] == serial["recipe"]
     assert entries["2"]["onnx"]["sha256"] == entries["1"]["onnx"]["sha256"]   # the same bytes
+
+
+def test_a_failing_lane_stops_the_others_and_says_which(tmp_path):
+    """A lane that fails (here: an INT8 format handed no calibration set) ends the export with its traceback,
+    and the other lane's process is stopped, not left running."""
+    import multiprocessing
+
+    from ulsam_deploy.data.preprocess import Preprocessing
+    from ulsam_deploy.export.parallel import run_lanes
+    from ulsam_deploy.export.pipeline import ExportRequest, _start_manifest
+    from ulsam_deploy.store.manifest import weights_sha256
+
+    from small_models import realistic_model
+
+    model = realistic_model()
+    request = ExportRequest(model, "m", {"random_init_seed": 0}, None, Preprocessing(size=64).to_dict(),
+                            ("onnx-int8", "onnx"))
+    _start_manifest(tmp_path, request, weights_sha256(model))
+    recorded = []
+    with pytest.raises(RuntimeError, match="exporting onnx-int8 failed in its process"):
+        run_lanes([["onnx-int8"], ["onnx"]], 2, (request, str(tmp_path), None),
+                  lambda name, details, seconds: recorded.append(name), lambda what: None)
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("export-")]
+    assert not list(tmp_path.glob("*.tmp*"))

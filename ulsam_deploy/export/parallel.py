@@ -11,7 +11,6 @@ A lane's UlsamError comes back as the same error, one line; anything else as a b
 from __future__ import annotations
 
 import multiprocessing
-import os
 import queue as queues
 import signal
 import time
@@ -19,6 +18,7 @@ import traceback
 from typing import Callable
 
 from ..errors import RunFailed, UlsamError
+from ..runtime.base import usable_cores
 
 POLL_S = 0.5
 
@@ -30,10 +30,11 @@ def run_lanes(groups: list[list[str]], workers: int, job: tuple, record: Callabl
     artifact is done, ``on_step`` with the formats in progress."""
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
-    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    threads = max(1, usable_cores() // workers)
     waiting = list(enumerate(groups))
     running: dict[int, multiprocessing.process.BaseProcess] = {}
     building: list[str] = []
+    ended: dict[int, float] = {}      # lane -> when its process was first seen ended without its last word
     try:
         while waiting or running:
             while waiting and len(running) < workers:
@@ -45,7 +46,7 @@ def run_lanes(groups: list[list[str]], workers: int, job: tuple, record: Callabl
             try:
                 message = messages.get(timeout=POLL_S)
             except queues.Empty:
-                _check_alive(running, groups)
+                _check_alive(running, groups, ended)
                 continue
             kind, lane, name, *payload = message
             if kind == "start":
@@ -69,10 +70,14 @@ def run_lanes(groups: list[list[str]], workers: int, job: tuple, record: Callabl
         messages.close()
 
 
-def _check_alive(running: dict, groups: list[list[str]]) -> None:
-    """A lane whose process ended without saying so (killed, out of memory) fails the export in one line."""
+def _check_alive(running: dict, groups: list[list[str]], ended: dict[int, float]) -> None:
+    """A lane whose process ended without saying so (killed, out of memory) fails the export in one line.
+    One that ended cleanly may still have its last messages on the way: it is given a few polls."""
     for lane, process in running.items():
-        if not process.is_alive():
+        if process.is_alive():
+            continue
+        first = ended.setdefault(lane, time.monotonic())
+        if process.exitcode != 0 or time.monotonic() - first > 10 * POLL_S:
             raise RunFailed(f"the process building {', '.join(groups[lane])} ended unexpectedly "
                             f"(exit {process.exitcode}); finished artifacts are kept",
                             "re-run the same command to resume")

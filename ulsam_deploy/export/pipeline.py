@@ -20,6 +20,7 @@ from ..data import DataSet, Preprocessing, calibration_set
 from ..errors import BackendUnavailable, InputFileError, Interrupted, StaleArtifactError, UlsamError
 from ..extras import install_hint, require
 from ..store.manifest import REFERENCE, Manifest, locked, weights_sha256
+from ..runtime.base import usable_cores
 from ..runtime.io import describe_io
 from ..nets import MobileNet, save_checkpoint
 from ..nets.build import sha256_file
@@ -239,7 +240,7 @@ def lane_workers(groups: list[list[str]]) -> int:
     """Processes to build ``groups`` in: one per lane up to the cores this process may use
     (``ULSAM_EXPORT_WORKERS`` overrides; 1 builds everything here, one artifact after another)."""
     given = os.environ.get("ULSAM_EXPORT_WORKERS", "").strip()
-    cores = int(given) if given.isdigit() and int(given) > 0 else len(os.sched_getaffinity(0))
+    cores = int(given) if given.isdigit() and int(given) > 0 else usable_cores()
     return max(1, min(len(groups), cores))
 
 

@@ -47,6 +47,14 @@ def quiet_fd2():
         os.close(devnull)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):   # no affinity on this system (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 def runner_class(backend: str):
     if backend not in RUNNERS:
         raise BackendUnavailable(f"backend {backend!r} is unknown", f"choose one of {', '.join(RUNNERS)}")

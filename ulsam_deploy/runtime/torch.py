@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..nets import load_model
+from .base import usable_cores
 
 
 class TorchRunner:
@@ -36,7 +36,7 @@ class TorchRunner:
         self._pool, self._restore = None, None
         if split:
             self._restore = torch.get_num_threads()   # given back on close: the setting is process-wide
-            slices = threads or len(os.sched_getaffinity(0))
+            slices = threads or usable_cores()
             torch.set_num_threads(1)
             if slices > 1:
                 self._pool = ThreadPoolExecutor(slices, thread_name_prefix="reference")
