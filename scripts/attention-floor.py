@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import multiprocessing
+import os
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -139,6 +140,7 @@ def _export_one(model: str, spec_fields: dict, formats: tuple[str, ...], out: st
 
     if model == "floor":      # this process only: every ULSAM passes its input through
         ULSAM.forward = lambda self, x: x
+        os.environ["ULSAM_EXPORT_WORKERS"] = "1"     # so every format is built here, under the patch
     fields = dict(spec_fields, positions="none") if model == "base" else spec_fields
     try:
         export_for(None, ModelOptions(**fields), ExportOptions(formats=parse_formats(",".join(formats)),

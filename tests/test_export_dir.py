@@ -208,10 +208,18 @@ def test_interrupt_is_one_line_and_cleans_up(tmp_path, model, sig):
     proc = subprocess.Popen(_export_cmd(model, out, "onnx,tflite-fp32"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    def recorded() -> set[str]:
+        try:
+            return set(Manifest.load(out).artifacts)
+        except Exception:       # not written yet
+            return set()
+
+    # the TFLite step has begun and the ONNX file is done (in lanes they run side by side)
     deadline = time.time() + 300
-    while time.time() < deadline and not list(scratch.glob("ulsam-onnx2tf-*")):   # the TFLite step has begun
+    while time.time() < deadline and not (list(scratch.glob("ulsam-onnx2tf-*")) and "onnx" in recorded()):
         time.sleep(0.2)
     assert list(scratch.glob("ulsam-onnx2tf-*")), "the TFLite step never started"
+    assert "onnx" in recorded(), "the ONNX file was never recorded"
     time.sleep(1.0)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)

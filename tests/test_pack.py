@@ -270,7 +270,6 @@ def test_device_statistics_are_checks(rng=np.random.default_rng(0)):
 
 @pytest.mark.parametrize("args,words", [
     (("--device-result", "r.json"), ("needs --export",)),
-    (("--export", "{exp}", "--images", "8"), ("--images has no effect",)),
     (("--export", "{exp}", "--emulate", "pentium"), ("pentium", "haswell")),
     (("--export", "{exp}", "--device-result", "{tmp}/none.json"), ("cannot be read",)),
     (("--export", "{exp}", "--device-result", "{tmp}/r.json", "--emulate", "haswell"), ("--emulate has no effect",)),
