@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= dev,tflite,executorch
+EXTRAS ?= dev,tflite,executorch,npu
 STAMP  := $(VENV)/.installed-$(EXTRAS)
 DOCS_STAMP := $(VENV)/.installed-docs
 

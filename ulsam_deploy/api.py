@@ -16,6 +16,7 @@ from .errors import UlsamError
 from .model.options import ModelOptions
 
 if TYPE_CHECKING:
+    from .bench.npu import NpuReport
     from .bench.suite import BenchReport
     from .export.pipeline import ExportResult
     from .model.profile import Profile
@@ -71,20 +72,21 @@ def profile(model: Union["MobileNet", PathLike, None] = None, *, arch: Optional[
 def export(model: Union["MobileNet", PathLike], formats: Formats = "onnx", *, out: Optional[PathLike] = None,
            calib: Optional[str] = None, calib_samples: Optional[int] = None, calib_method: Optional[str] = None,
            keep_float: Sequence[int] = (), preprocessing: Optional[Mapping[str, Any]] = None,
-           class_names: Optional[Sequence[str]] = None, allow_large: bool = False,
+           class_names: Optional[Sequence[str]] = None, allow_large: bool = False, npu: Optional[str] = None,
            progress: Progress = False) -> "Manifest":
     """Export ``model`` (one built or changed in code, or a folder/checkpoint) to ``formats`` (``"cpu"``, a
     list or a comma list) in ``out`` (default ``runs/<model name>``); returns the export's manifest.
     What is already there and up to date is kept. ``preprocessing`` and ``class_names`` apply to models in
-    memory (a folder or checkpoint records its own)."""
+    memory (a folder or checkpoint records its own). ``npu`` is the Arm Ethos-U configuration
+    ``tflite-int8-npu`` is compiled for (``"ethos-u55-128"``, ``"ethos-u65-256"`` or ``"ethos-u85-256"``)."""
     return export_run(model, formats, out=out, calib=calib, calib_samples=calib_samples, calib_method=calib_method,
                       keep_float=keep_float, preprocessing=preprocessing, class_names=class_names,
-                      allow_large=allow_large, progress=progress)[1]
+                      allow_large=allow_large, npu=npu, progress=progress)[1]
 
 
 def export_run(model, formats: Formats = "onnx", *, out=None, calib=None, calib_samples=None, calib_method=None,
                keep_float: Sequence[int] = (), preprocessing=None, class_names=None, allow_large: bool = False,
-               progress: Progress = False, keep_float_asked: bool = False) -> tuple["ExportResult", "Manifest"]:
+               npu: Optional[str] = None, progress: Progress = False, keep_float_asked: bool = False) -> tuple["ExportResult", "Manifest"]:
     """:func:`export`, also returning the export's own record (per-format times and sizes) for the CLI."""
     from .commands.options import export_options
     from .workflow import export_for
@@ -95,7 +97,8 @@ def export_run(model, formats: Formats = "onnx", *, out=None, calib=None, calib_
                          "the search for them is the CLI's `export --keep-float auto`")
     request = export_options(_format_text(formats), calib, calib_samples, calib_method,
                              None if out is None else Path(out), tuple(keep_float),
-                             keep_float_asked=keep_float_asked or bool(keep_float), allow_large=allow_large)
+                             keep_float_asked=keep_float_asked or bool(keep_float), allow_large=allow_large,
+                             npu=npu)
     with _steps(progress, "export") as on_step:
         if _is_ours(model):
             return _export_module(model, request, preprocessing, class_names, on_step)
@@ -149,15 +152,18 @@ def inspect(export_dir: Union["Manifest", PathLike], formats: Optional[Sequence[
 def bench(model: Union[PathLike, None] = None, *, export_dir: Optional[PathLike] = None, vs: Optional[str] = None,
           backends: Union[str, Sequence[str]] = "all", precisions: Union[str, Sequence[str]] = "all",
           threads: Optional[int] = None, batch: Sequence[int] = (1,), warmup: int = 10, runs: int = 100,
-          parity: bool = True, ops: bool = False, force: bool = False, progress: Progress = False) -> "BenchReport":
+          parity: bool = True, ops: bool = False, force: bool = False, npu: Optional[str] = None,
+          progress: Progress = False) -> Union["BenchReport", "NpuReport"]:
     """Latency, throughput, size, MACs and agreement of every artifact (exported if missing); with ``vs``, a
-    second model timed interleaved and the ratios. Returns the bench report (``.rows``, ``.ratios``)."""
+    second model timed interleaved and the ratios. Returns the bench report (``.rows``, ``.ratios``).
+    ``backends="ethos-u"`` returns Vela's estimate of the NPU file instead (``.estimates``, ``.cycles_ratio``),
+    compiled for ``npu``."""
     from .bench.session import run_bench
 
     with _steps(progress, "bench") as on_step:
         return run_bench(None if model is None else Path(model), ModelOptions(), export_dir, vs,
                          _names(backends), _names(precisions), threads, list(batch), warmup, runs, parity, ops,
-                         force, on_step=on_step, on_warning=_warn(progress))
+                         force, on_step=on_step, on_warning=_warn(progress), npu=npu)
 
 
 def train(data: str, out: PathLike, *, model: Optional[PathLike] = None, arch: Optional[str] = None,
@@ -244,7 +250,7 @@ def _export_module(model, request, preprocessing, class_names, on_step):
     export_request = ExportRequest(net, spec.name, {"in_memory": type(model).__name__}, None, prep, request.formats,
                                    calib_source=request.calib or "photos", calib_samples=request.calib_samples,
                                    calib_method=request.calib_method, keep_float=request.keep_float,
-                                   class_names=names)
+                                   class_names=names, npu=request.npu)
     result = run_export(export_request, out, on_step=on_step)
     return result, Manifest.load(out)
 

@@ -11,9 +11,10 @@ import importlib.util
 from .errors import BackendUnavailable
 
 # backend -> (pip extra, modules that backend imports)
-EXTRAS: dict[str, str] = {"litert": "tflite", "tensorrt": "tensorrt", "executorch": "executorch"}
+EXTRAS: dict[str, str] = {"litert": "tflite", "tensorrt": "tensorrt", "executorch": "executorch", "ethos-u": "npu"}
 MODULES: dict[str, tuple[str, ...]] = {"litert": ("onnx2tf", "tensorflow", "ai_edge_litert"),
-                                       "tensorrt": ("tensorrt",), "executorch": ("executorch", "torchao")}
+                                       "tensorrt": ("tensorrt",), "executorch": ("executorch", "torchao"),
+                                       "ethos-u": ("ethosu",)}
 
 
 def install_hint(backend: str) -> str:

@@ -31,6 +31,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("tflite-fp16", "model_fp16.tflite", "fp16", "litert", ("onnx",)),
     Format("tflite-int8", "model_int8.tflite", "int8", "litert", ("onnx",), calibrated=True),
     Format("tflite-int8-plain", "model_int8_plain.tflite", "int8", "litert", ("onnx",), calibrated=True),
+    Format("tflite-int8-npu", "model_int8_npu.tflite", "int8", "litert", ("onnx",), calibrated=True),
     Format("trt-fp16", "model_fp16.engine", "fp16", "tensorrt", ("onnx",)),
     Format("trt-int8", "model_int8.engine", "int8", "tensorrt", ("onnx-int8-trt",), calibrated=True),
     Format("executorch-fp32", "model_fp32.pte", "fp32", "executorch"),
@@ -39,7 +40,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
 CPU_FORMATS = ("onnx", "onnx-int8", "tflite-fp32", "tflite-fp16", "tflite-int8")
 # Built only on request: the plain full-integer TFLite (attention in INT8 too), for comparison, the
 # symmetric Q/DQ ONNX that TensorRT builds from (ONNX Runtime runs it correctly but slowly on x86), and the
-# 8-bit-weight ONNX Runtime INT8, exact only on CPUs whose integer kernels accumulate in 32 bits.
+# 8-bit-weight ONNX Runtime INT8, exact only on CPUs whose integer kernels accumulate in 32 bits; and the
+# full-integer TFLite for Arm Ethos-U NPUs (ULSAM in its `npu` form), compiled by Vela beside it.
 DEFAULT_FORMATS = ("onnx", "onnx-int8")
 
 
@@ -48,6 +50,7 @@ DEFAULT_FORMATS = ("onnx", "onnx-int8")
 # untouched full-integer baseline, kept for comparison).
 KEEP_FLOAT_FORMATS = ("onnx-int8", "onnx-int8-vnni", "onnx-int8-trt", "tflite-int8", "trt-int8", "executorch-int8")
 EXECUTORCH_FORMATS = ("executorch-fp32", "executorch-int8")
+NPU_FORMATS = ("tflite-int8-npu",)     # compiled by Vela for `export --npu` (export/vela.py)
 
 
 # The x86 features that decide whether ONNX Runtime's u8 x s8 kernels are exact (VNNI accumulates in 32 bits,

@@ -191,7 +191,7 @@ def export_for(model_path, options: ModelOptions, export: ExportOptions, on_step
     request = ExportRequest(net, name, checkpoint, dataset, prep, export.formats,
                             calib_source=export.calib or dataset or "photos", calib_samples=export.calib_samples,
                             calib_method=export.calib_method, keep_float=export.keep_float,
-                            class_names=class_names(meta, net.spec), accuracy=accuracy_text(meta))
+                            class_names=class_names(meta, net.spec), accuracy=accuracy_text(meta), npu=export.npu)
     out = export.out or RUNS / name
     result = run_export(request, out, on_step=on_step)
     return result, Manifest.load(out)

@@ -104,11 +104,11 @@ def test_onnx_node_count_does_not_grow_with_groups(tmp_path):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("groups", [1, 4, "m"])
-@pytest.mark.parametrize("form", ["spread", "spatial"])
+@pytest.mark.parametrize("form", ["spread", "spatial", "npu"])
 def test_export_forms_equal_eager(tmp_path, shape, groups, form):
     """Each export form computes the eager module's function (fp32, ONNX Runtime) without 5-D tensors or an
-    Add, with a node count independent of g; ``spatial`` without any Reshape or Softmax. The form is
-    restored after the export."""
+    Add, with a node count independent of g; ``spatial`` without any Reshape or Softmax; ``npu`` also without
+    a Div (a log-sum-exp instead). The form is restored after the export."""
     import onnx
     import onnxruntime as ort
 
@@ -129,6 +129,8 @@ def test_export_forms_equal_eager(tmp_path, shape, groups, form):
     assert ops.count("Conv") == 3 and ops.count("Mul") == 1, ops
     if form == "spatial":
         assert not {"Reshape", "Softmax"} & set(ops) and ops.count("Exp") == 1, ops
+    if form == "npu":
+        assert not {"Reshape", "Softmax", "Div"} & set(ops) and ops.count("Exp") == 2 and ops.count("Log") == 1, ops
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():

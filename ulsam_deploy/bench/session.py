@@ -30,7 +30,7 @@ def _vs_reference(vs: str, primary_spec) -> tuple[Path | None, ModelOptions]:
                               primary_spec.input_size, primary_spec.activation if same_arch else None)
 
 
-def _subject_manifest(model, options, formats, export_dir):
+def _subject_manifest(model, options, formats, export_dir, npu: str | None = None):
     """An export directory passed as such is read as it is; a model is exported (into ``export_dir`` if given)."""
     from ..export import parse_formats
     from ..export.options import ExportOptions
@@ -42,14 +42,20 @@ def _subject_manifest(model, options, formats, export_dir):
     if export_dir is not None and model is None and options == ModelOptions():
         return Manifest.load(export_dir)
     chosen = parse_formats(",".join(formats)) if formats else ("onnx",)
-    return export_for(model, options, ExportOptions(chosen, export_dir))[1]
+    extra = {} if npu is None else {"npu": npu}
+    return export_for(model, options, ExportOptions(chosen, export_dir, **extra))[1]
 
 
 def run_bench(model: Path | None, options: ModelOptions, export_dir: Path | None, vs: str | None, backend: str,
               precision: str, threads: int | None, batches: list[int], warmup: int, runs: int, parity: bool,
               ops: bool, force: bool, on_step: Callable[[str], None] | None = None,
-              on_warning: Callable[[str], None] | None = None):
-    """The bench report (``rows``, ``ratios``, ``skipped``) and, with ``ops``, each artifact's op profile."""
+              on_warning: Callable[[str], None] | None = None, npu: str | None = None):
+    """The bench report (``rows``, ``ratios``, ``skipped``) and, with ``ops``, each artifact's op profile;
+    for ``backend`` ethos-u, Vela's estimate of each model's NPU file instead (bench/npu.py)."""
+    if backend.strip().lower() == "ethos-u":
+        return _npu_bench(model, options, export_dir, vs, npu, parity, threads, on_step or (lambda what: None))
+    if npu is not None:
+        raise UlsamError("--npu has no effect: it applies to --backend ethos-u", "drop it, or pass --backend ethos-u")
     from ..bench.suite import BACKENDS, Subject, encoding_safe_here, formats_for, new_report, run_suite
     from ..model.profile import count_layers
     from ..runtime.isa import isa_label
@@ -110,3 +116,18 @@ def run_bench(model: Path | None, options: ModelOptions, export_dir: Path | None
         profiles = profile_ops(subjects, [k for k in keys if k != "torch"], threads, runs)
     result.ops = profiles
     return result
+
+
+def _npu_bench(model, options, export_dir, vs, npu, parity, threads, step):
+    from ..export.vela import check_npu, require
+    from .npu import NPU_FORMAT, run_npu_bench
+
+    require()
+    npu = None if npu is None else check_npu(npu)
+    manifests = []
+    for index in range(2 if vs else 1):
+        ref_model, ref_options = (model, options) if index == 0 else _vs_reference(vs, manifests[0].spec)
+        step(f"export {ref_model or ref_options.arch}")
+        manifests.append(_subject_manifest(ref_model, ref_options, [NPU_FORMAT], export_dir if index == 0 else None,
+                                           npu))
+    return run_npu_bench(manifests, npu, parity, threads or 1, step)

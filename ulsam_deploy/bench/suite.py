@@ -106,7 +106,7 @@ def formats_for(backends: tuple[str, ...], precisions: tuple[str, ...], skipped:
     names = []
     for name, fmt in FORMATS.items():
         backend = "trt" if fmt.backend == "tensorrt" else fmt.backend
-        if backend not in backends or fmt.precision not in precisions or name.endswith(("-plain", "-trt")):
+        if backend not in backends or fmt.precision not in precisions or name.endswith(("-plain", "-trt", "-npu")):
             continue
         if backend == "trt" and not trt_available():
             if len(backends) == 1:

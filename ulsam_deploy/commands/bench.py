@@ -32,7 +32,8 @@ def bench(options: o.ModelOptions, model: o.ModelPath = None,
               "--export", "-e", help="Export directory to time (its artifacts; with --model, missing formats are "
                                      "exported into it). Default: runs/<model name>.")] = None,
           vs: Vs = None,
-          backend: Annotated[str, typer.Option(help="torch, onnxruntime, litert, executorch, trt (comma list) or all.")] = "all",
+          backend: Annotated[str, typer.Option(help="torch, onnxruntime, litert, executorch, trt (comma list) or all; "
+                                                    "or ethos-u alone: Vela's estimate of the NPU file, not timed.")] = "all",
           precision: Annotated[str, typer.Option(help="fp32, fp16, int8 (comma list) or all.")] = "all",
           threads: Annotated[int, typer.Option(min=1, max=256, help="Threads per runtime.")] = os.cpu_count() or 1,
           batch: Annotated[str, typer.Option(help="Batch sizes, comma list.")] = "1",
@@ -43,8 +44,11 @@ def bench(options: o.ModelOptions, model: o.ModelPath = None,
           ops: Annotated[bool, typer.Option(
               "--ops", help="Also show where the time goes: kernel time by op type (ONNX Runtime's profiler) and "
                             "the delegate split (TFLite, ExecuTorch) of every artifact timed.")] = False,
+          npu: Annotated[Optional[str], typer.Option(
+              "--npu", help="With --backend ethos-u: the Ethos-U configuration (default ethos-u55-128).")] = None,
           force: o.Unsafe = False, json_out: o.Json = False) -> None:
     """Time every artifact (exported if missing) and print one table; with --vs, per-backend ratios."""
+    from ..bench.npu import NpuReport
     from ..bench.session import run_bench
     from ..render import report
 
@@ -55,7 +59,9 @@ def bench(options: o.ModelOptions, model: o.ModelPath = None,
         task = bar.add_task("export", total=None)
         result = run_bench(model, options, export_dir, vs, backend, precision, threads, batches, warmup, runs, parity,
                            ops, force, on_step=lambda what: bar.update(task, description=what),
-                           on_warning=lambda line: report.log(f"warning: {line}"))
+                           on_warning=lambda line: report.log(f"warning: {line}"), npu=npu)
+    if isinstance(result, NpuReport):
+        return report.print_json(result) if json_out else report.console.print(report.npu_table(result))
     if plot is not None:
         report.plot_bench(result, plot)
     if json_out:

@@ -53,6 +53,9 @@ def export(options: o.ModelOptions, model: o.ModelPath = None,
            float_budget: Annotated[Optional[float], typer.Option(
                "--float-budget", min=0.0, max=100.0, help="With --keep-float auto: the most the float layers may "
                                                           f"cost, percent of the model's MACs (default {FLOAT_BUDGET:g}).")] = None,
+           npu: Annotated[Optional[str], typer.Option(
+               "--npu", help="The Arm Ethos-U configuration tflite-int8-npu is compiled for by Vela: ethos-u55-128 "
+                             "(default), ethos-u65-256 or ethos-u85-256.")] = None,
            allow_large: o.AllowLarge = False,
            json_out: o.Json = False) -> None:
     """Export a model to ONNX (simplified), INT8 Q/DQ ONNX, TFLite and TensorRT, with a manifest."""
@@ -65,7 +68,7 @@ def export(options: o.ModelOptions, model: o.ModelPath = None,
                         **{"--float-budget": float_budget})
     layers = parse_keep_float(keep_float) if keep_float and not auto else ()
     request = o.export_options(formats, calib, calib_samples, calib_method, out, layers,
-                               keep_float_asked=keep_float is not None, allow_large=allow_large)
+                               keep_float_asked=keep_float is not None, allow_large=allow_large, npu=npu)
     if auto:
         budget = FLOAT_BUDGET if float_budget is None else float_budget
         return keep_float_auto(model or checkpoint, options, request, budget, json_out)

@@ -85,13 +85,15 @@ AllowLarge = Annotated[bool, typer.Option(
 
 def export_options(formats: str | None, calib: str | None, calib_samples: int | None, calib_method: str | None,
                    out: Path | None = None, keep_float: tuple[int, ...] = (), keep_float_asked: bool = False,
-                   allow_large: bool = False):
+                   allow_large: bool = False, npu: str | None = None):
     """The one ExportOptions of a command (formats parsed, dependencies first; default onnx,onnx-int8).
 
     An option that would change nothing for these formats is refused, not ignored: calibration options
     without a calibrated (INT8) format, ``--keep-float`` without a format that honours it."""
     from ..errors import UlsamError
     from ..export import DEFAULT_FORMATS, FORMATS, KEEP_FLOAT_FORMATS, parse_formats
+    from ..export.vela import check_npu
+    from ..formats import NPU_FORMATS
     from ..export.options import ExportOptions
 
     chosen = parse_formats(formats) if formats else DEFAULT_FORMATS
@@ -102,9 +104,13 @@ def export_options(formats: str | None, calib: str | None, calib_samples: int | 
     if (keep_float or keep_float_asked) and not any(name in KEEP_FLOAT_FORMATS for name in chosen):
         raise UlsamError(f"--keep-float has no effect: none of the formats {','.join(chosen)} keeps layers in float",
                          f"add one of {', '.join(KEEP_FLOAT_FORMATS)}, or drop --keep-float")
+    if npu is not None and not any(name in NPU_FORMATS for name in chosen):
+        raise UlsamError(f"--npu has no effect: none of the formats {','.join(chosen)} is compiled for an NPU",
+                         f"add {', '.join(NPU_FORMATS)}, or drop --npu")
     defaults = ExportOptions()
     return ExportOptions(chosen, out, calib, defaults.calib_samples if calib_samples is None else calib_samples,
-                         calib_method or defaults.calib_method, tuple(keep_float), allow_large)
+                         calib_method or defaults.calib_method, tuple(keep_float), allow_large,
+                         defaults.npu if npu is None else check_npu(npu))
 
 
 def refuse_unused(why: str, hint: str, **given) -> None:

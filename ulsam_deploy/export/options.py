@@ -19,3 +19,4 @@ class ExportOptions:
     calib_method: str = "minmax"
     keep_float: tuple[int, ...] = ()       # paper layers kept in float in the INT8 formats that honour it
     allow_large: bool = False              # build a network over the size limit (nets.build.MAX_BUILD_BYTES)
+    npu: str = "ethos-u55-128"             # the Ethos-U configuration tflite-int8-npu is compiled for

@@ -24,6 +24,7 @@ from ..runtime.base import usable_cores
 from ..runtime.io import describe_io
 from ..nets import MobileNet, save_checkpoint
 from ..nets.build import sha256_file
+from ..formats import NPU_FORMATS
 from . import FORMATS, KEEP_FLOAT_FORMATS, RECIPE, check_keep_float
 from .describe import embed
 
@@ -48,6 +49,7 @@ class ExportRequest:
     keep_float: tuple[int, ...] = ()  # paper layers kept in float in the INT8 formats that honour it
     class_names: tuple[str, ...] = ()  # written into the artifacts that can carry them (default class_0 ...)
     accuracy: str | None = None        # the checkpoint's recorded test accuracy, for the artifacts' description
+    npu: str = "ethos-u55-128"         # the Ethos-U configuration tflite-int8-npu is compiled for (export/vela.py)
 
     def facts(self):
         from importlib.metadata import PackageNotFoundError, version
@@ -145,6 +147,8 @@ def validate(request: ExportRequest) -> DataSet | None:
         require("litert", "TFLite export")
     if any(FORMATS[n].backend == "executorch" for n in request.formats):
         require("executorch", "ExecuTorch export")
+    if any(n in NPU_FORMATS for n in request.formats):
+        require("ethos-u", "The NPU format (Vela)")
     if not any(FORMATS[name].calibrated for name in request.formats):
         return None
     return calibration_set(request.calib_source, request.model.spec.input_size, request.calib_samples,
@@ -192,7 +196,7 @@ def _export_locked(request: ExportRequest, out: Path, calib: DataSet | None, res
     for name in request.formats:
         fmt = FORMATS[name]
         calib_info = manifest.data.get("calibration") if fmt.calibrated else None
-        if _is_current(manifest, name, calib_info, request.keep_float, facts_sha256):
+        if _is_current(manifest, name, calib_info, request.keep_float, facts_sha256, request.npu):
             entry = manifest.artifacts[name]
             result.artifacts.append(ExportedArtifact(name, entry["file"], fmt.precision, fmt.backend,
                                                      entry["size_bytes"] / 1e6, entry["seconds"], "kept"))
@@ -266,9 +270,11 @@ def build_artifact(name: str, request: ExportRequest, manifest: Manifest, calib:
 
 
 def _is_current(manifest: Manifest, name: str, calib: dict | None, keep_float: tuple[int, ...] = (),
-                facts_sha256: str | None = None) -> bool:
+                facts_sha256: str | None = None, npu: str | None = None) -> bool:
     entry = manifest.artifacts.get(name)
     if entry is None:
+        return False
+    if name in NPU_FORMATS and not _compiled_current(manifest, entry, npu):
         return False
     embedded = entry.get("embedded_metadata")
     if isinstance(embedded, dict) and embedded.get("facts_sha256") != facts_sha256:
@@ -295,6 +301,15 @@ def _is_current(manifest: Manifest, name: str, calib: dict | None, keep_float: t
     return entry.get("calibration_sha256") == calib.get("sha256") and entry.get("calibration_method") == calib.get("method")
 
 
+def _compiled_current(manifest: Manifest, entry: dict, npu: str | None) -> bool:
+    """An NPU artifact is current only if compiled for ``npu`` and its compiled file is the one recorded."""
+    compiled = entry.get("vela")
+    if not isinstance(compiled, dict) or compiled.get("npu") != npu or not isinstance(compiled.get("file"), str):
+        return False
+    path = manifest.directory / Path(compiled["file"]).name
+    return path.is_file() and sha256_file(path) == compiled.get("sha256")
+
+
 def _produce(name: str, request: ExportRequest, manifest: Manifest, calib: DataSet | None) -> dict:
     fmt, directory = FORMATS[name], manifest.directory
     target = directory / fmt.filename
@@ -317,6 +332,8 @@ def _produce(name: str, request: ExportRequest, manifest: Manifest, calib: DataS
         raise BackendUnavailable(f"format {name} needs {exc.name}, which is not installed",
                                  install_hint(fmt.backend)) from None
     extra = {"keep_float": request.keep_float} if fmt.backend in ("litert", "executorch") else {}
+    if name in NPU_FORMATS:
+        extra["npu"] = request.npu
     if fmt.backend == "executorch" and fmt.calibrated:
         extra["calib_method"] = request.calib_method
     return producer.produce(name, manifest, target, calib, **extra)

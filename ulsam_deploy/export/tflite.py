@@ -41,7 +41,7 @@ from ..store.fileio import atomic_path
 from . import FORMATS
 
 SAMPLE_NAME = "calibration_image_sample_data_20x128x128x3_float32.npy"
-_SAVED: dict[str, tempfile.TemporaryDirectory] = {}   # onnx sha256 -> onnx2tf output, reused within a run
+_SAVED: dict[str, tempfile.TemporaryDirectory] = {}   # reference sha256 + form -> onnx2tf output, reused in a run
 _LOCATED: dict[str, dict] = {}                          # onnx2tf output folder -> taps and layer members
 
 
@@ -54,21 +54,21 @@ def _require() -> None:
                                  "pip install 'ulsam-deploy[tflite]'")
 
 
-def _onnx2tf(reference: Path) -> Path:
-    """Export the reference model's channels-last ONNX and run onnx2tf on it, once per reference (by hash);
-    return onnx2tf's output folder (tflite files + SavedModel)."""
+def _onnx2tf(reference: Path, form: str = "spatial") -> Path:
+    """Export the reference model's channels-last ONNX (ULSAM in ``form``) and run onnx2tf on it, once per
+    reference (by hash) and form; return onnx2tf's output folder (tflite files + SavedModel)."""
     from ..nets import load_model
     from ..nets.ulsam import export_form
     from .onnx import export_onnx
 
-    digest = hashlib.sha256(Path(reference).read_bytes()).hexdigest()
+    digest = hashlib.sha256(Path(reference).read_bytes()).hexdigest() + f"-{form}"
     if digest in _SAVED:
         return Path(_SAVED[digest].name) / "out"
     scratch = tempfile.TemporaryDirectory(prefix="ulsam-onnx2tf-")
     work = Path(scratch.name)
     try:
         model = load_model(reference)
-        with export_form(model, "spatial"):
+        with export_form(model, form):
             export_onnx(model, model.spec.input_size, work / "model.onnx")
         sample = calibration_set("photos", 128, 20)
         np.save(work / SAMPLE_NAME, sample.preprocessing.denormalise(sample.images))
@@ -78,6 +78,10 @@ def _onnx2tf(reference: Path) -> Path:
         raise
     _SAVED[digest] = scratch
     return work / "out"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _worker(*args: str, cwd: Path) -> None:
@@ -118,14 +122,16 @@ def _float_ops(located: dict, keep_float: Sequence[int]) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-def produce(name: str, manifest, target: Path, calib, keep_float: Sequence[int] = ()) -> dict:
+def produce(name: str, manifest, target: Path, calib, keep_float: Sequence[int] = (), npu: str | None = None) -> dict:
     """Write the TFLite artifact ``name`` of ``manifest``'s ONNX to ``target``; ``keep_float`` paper
-    layers stay float in ``tflite-int8`` (the plain model is the converter's untouched full-integer one)."""
+    layers stay float in ``tflite-int8`` (the plain model is the converter's untouched full-integer one).
+    ``tflite-int8-npu`` is the full-integer model of ULSAM's ``npu`` form, compiled by Vela for ``npu``
+    into a second file beside it (``vela.compiled_name``)."""
     _require()
     fmt = FORMATS[name]
     from ..store.manifest import REFERENCE
 
-    out = _onnx2tf(manifest.directory / REFERENCE)
+    out = _onnx2tf(manifest.directory / REFERENCE, "npu" if name == "tflite-int8-npu" else "spatial")
     located = _located(out, manifest)
     # the I/O (layout, dtypes, quantisation) is read back by the pipeline; the taps serve `inspect`
     details = {"converter": "onnx2tf", "taps": located["taps"]}
@@ -143,6 +149,14 @@ def produce(name: str, manifest, target: Path, calib, keep_float: Sequence[int] 
             float_file.write_text(json.dumps(_float_ops(located, keep_float) if keep else []))
             _worker("quantize", str(out), str(calib_file), str(tmp), "attention-float" if keep else "plain",
                     str(float_file), cwd=out.parent)
+            if name == "tflite-int8-npu":
+                from . import vela
+
+                compiled = target.with_name(vela.compiled_name(target.name))
+                with atomic_path(compiled) as compiled_tmp:
+                    details["vela"] = vela.compile_model(tmp, compiled_tmp, npu or vela.DEFAULT_NPU)
+                details["vela"] |= {"file": compiled.name, "sha256": _sha256(compiled),
+                                    "size_bytes": compiled.stat().st_size}
             details |= {"converter": "onnx2tf SavedModel -> tf.lite.TFLiteConverter (full integer, int8 I/O)"
                                      if not keep else "onnx2tf SavedModel -> tf.lite.TFLiteConverter (selective)",
                         "attention_path": "float" if keep else "int8", "logits": "float" if keep else "int8",

@@ -11,7 +11,9 @@ by a 1x1 convolution g -> m (weights 0/1, bias 1; constants outside the state di
 form: XNNPACK takes it whole, ONNX Runtime keeps x in its blocked (fp32) or channels-last (INT8) layout through
 the conv and the Mul, and INT8 quantises 1 + A instead of A; ``spatial`` also writes the softmax over H*W
 as max / subtract / exp / sum / divide over the two spatial axes, so no op reshapes at all - the form for
-channels-last converters (onnx2tf), which need no transpose for it.
+channels-last converters (onnx2tf), which need no transpose for it. ``npu`` is ``spatial`` with the division
+written as a log-sum-exp, ``A = exp(d - log(sum(exp(d))))`` with ``d = a - max(a)``: Arm's Ethos-U55 and U65
+have no DIV but run EXP and LOG as lookup tables, so the full-integer model runs there without a CPU operator.
 """
 
 from __future__ import annotations
@@ -67,11 +69,15 @@ class ULSAM(nn.Module):
         return (xg * a + xg).flatten(1, 2)
 
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The ``spread`` or ``spatial`` form (module docstring); the same values as :meth:`forward`."""
+        """The ``spread``, ``spatial`` or ``npu`` form (module docstring); the same values as :meth:`forward`."""
         if self.form == "spatial":
             a = self._scores(x)
             e = torch.exp(a - a.amax(dim=(2, 3), keepdim=True))
             attention = e / e.sum(dim=(2, 3), keepdim=True)                         # (N, g, H, W)
+        elif self.form == "npu":
+            a = self._scores(x)
+            d = a - a.amax(dim=(2, 3), keepdim=True)
+            attention = torch.exp(d - torch.log(torch.exp(d).sum(dim=(2, 3), keepdim=True)))
         else:
             attention = self.attention(x)
         scale = F.conv2d(attention, self.spread, self.spread_bias)   # (N, m, H, W): 1 + A
@@ -85,7 +91,7 @@ def _exporting() -> bool:
     return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
-FORMS = ("broadcast", "spread", "spatial")
+FORMS = ("broadcast", "spread", "spatial", "npu")
 
 
 @contextlib.contextmanager

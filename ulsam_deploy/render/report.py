@@ -192,6 +192,21 @@ def _efficiency(value: float | None) -> str:
     return f"{value * 100:.1f}" + ("!" if value > 1.0 else "")
 
 
+def npu_table(result) -> Table:
+    """Vela's estimate of each model's NPU file (bench --backend ethos-u)."""
+    rows = [(e.model, e.npu, f"{e.clock_mhz:g}", f"{e.inference_ms:.3f}", f"{1e3 / e.inference_ms:.1f}",
+             f"{e.cycles:,}", f"{e.macs / 1e6:.1f}", f"{e.sram_kib:.1f}", f"{e.flash_kib:.1f}",
+             "-" if e.npu_ops is None else e.npu_ops, "-" if e.cpu_ops is None else e.cpu_ops, e.segments,
+             _pct(e.top1_agreement)) for e in result.estimates]
+    caption = f"Estimate by {result.source}; top-1 agr: the uncompiled file on LiteRT against eager"
+    if result.cycles_ratio is not None:
+        first, second = result.estimates
+        caption += f"; {first.model} / {second.model}: {result.cycles_ratio:.3f}x the cycles"
+    return table("Ethos-U estimate", ("model", "NPU", "MHz", "est. ms", "est. inf/s", "cycles", "MMACs", "SRAM KiB",
+                                      "weights KiB", "NPU ops", "CPU ops", "segments", "top-1 agr %"), rows,
+                 caption=caption)
+
+
 def ratio_table(result) -> Table:
     a, b = result.models
     rows = [(r.backend, r.precision, r.batch, f"{r.ratio:.3f}", f"{r.low:.3f} - {r.high:.3f}", r.rounds)

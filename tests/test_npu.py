@@ -1,0 +1,95 @@
+"""The Arm Ethos-U format: ULSAM's `npu` form in a full-integer TFLite file, compiled by Vela, gated by check."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from ulsam_deploy.store.manifest import Manifest
+
+DIGITS = Path(__file__).resolve().parents[1] / "models" / "mv2-ulsam-13-14-16-17-g4-digits"
+SMALL = ("--arch", "mv2", "--width", "0.5", "--input-size", "64", "--num-classes", "10")
+
+
+@pytest.mark.parametrize("args,words", [
+    (("--formats", "onnx", "--npu", "ethos-u65-256"), ("--npu has no effect", "tflite-int8-npu")),
+    (("--formats", "tflite-int8-npu", "--npu", "ethos-u99"), ("ethos-u99", "ethos-u55-128, ethos-u65-256")),
+])
+def test_npu_option_refusals_write_nothing(cli, tmp_path, args, words):
+    code, _, err = cli("export", *SMALL, *args, "--out", tmp_path / "exp")
+    assert code == 2 and err.count("\n") == 1 and all(w in err for w in words), err
+    assert not (tmp_path / "exp").exists()
+
+
+def test_missing_vela_names_the_extra(cli, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name.split(".")[0] == "ethosu" else real(name, *a, **k))
+    code, _, err = cli("export", *SMALL, "--formats", "tflite-int8-npu", "--out", tmp_path / "exp")
+    assert code == 2 and "pip install 'ulsam-deploy[npu]'" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "exp").exists()
+
+
+def test_bench_ethos_u_without_an_npu_file_says_how_to_export_it(cli, tmp_path):
+    out = tmp_path / "exp"
+    assert cli("export", *SMALL, "--formats", "onnx", "--out", out)[0] == 0
+    code, _, err = cli("bench", "--backend", "ethos-u", "--export", out, "--no-parity")
+    assert code == 2 and err.count("\n") == 1 and "no tflite-int8-npu" in err and "--formats tflite-int8-npu" in err, err
+    code, _, err = cli("bench", "--backend", "onnxruntime", "--export", out, "--npu", "ethos-u65-256")
+    assert code == 2 and "--npu has no effect" in err, err
+
+
+def test_api_refuses_an_unknown_npu(tmp_path):
+    import ulsam_deploy as ud
+
+    with pytest.raises(ud.UlsamError, match="ethos-u99"):
+        ud.export(DIGITS, "tflite-int8-npu", out=tmp_path / "exp", npu="ethos-u99")
+    assert not (tmp_path / "exp").exists()
+
+
+@pytest.mark.slow
+def test_npu_export_runs_every_op_on_the_npu_and_passes_the_gate(cli, tmp_path, monkeypatch):
+    """Vela places every operator of MV2 + ULSAM on Ethos-U55 (one command stream, no CPU operator), the
+    manifest records the compiled file and Vela's estimate, check gates the uncompiled file with LiteRT, and
+    another --npu recompiles while the same one keeps what is there."""
+    pytest.importorskip("onnx2tf")
+    pytest.importorskip("ethosu")
+    from ulsam_deploy.export.vela import operators
+
+    monkeypatch.setenv("ULSAM_EXPORT_WORKERS", "1")      # one process: the second export reuses the conversion
+    out = tmp_path / "exp"
+    code, _, err = cli("export", "--model", DIGITS, "--formats", "tflite-int8-npu", "--out", out)
+    assert code == 0, err
+    entry = Manifest.load(out).artifacts["tflite-int8-npu"]
+    vela = entry["vela"]
+    assert vela["npu"] == "ethos-u55-128" and vela["accelerator"] == "Ethos_U55_128"
+    assert vela["operators"]["cpu"] == 0 and vela["operators"]["segments"] == 1 and vela["operators"]["npu"] > 100
+    assert operators(out / vela["file"]) == ["ethos-u"]
+    assert {"LOG", "EXP"} <= set(entry["xnnpack"]["ops"]) and "DIV" not in entry["xnnpack"]["ops"]
+    estimate = vela["estimate"]
+    assert estimate["clock_mhz"] == 500 and estimate["cycles"] > 0 and estimate["sram_kib"] > 0
+    assert abs(estimate["inference_ms"] - estimate["cycles"] / estimate["clock_mhz"] / 1e3) < 1e-3
+    assert entry["io"]["inputs"][0]["dtype"] == "int8"
+
+    code, stdout, err = cli("check", "--export", out, "--json")
+    assert code == 0, err
+    rows = {row["artifact"]: row for row in json.loads(stdout)}
+    assert rows["tflite-int8-npu"]["passed"] and rows["tflite-int8-npu"]["top1_agreement"] >= 99.0
+
+    code, stdout, err = cli("export", "--model", DIGITS, "--formats", "tflite-int8-npu", "--out", out, "--json")
+    kept = {a["format"]: a["status"] for a in json.loads(stdout)["artifacts"]}
+    assert code == 0 and kept["tflite-int8-npu"] == "kept", stdout
+    code, _, err = cli("export", "--model", DIGITS, "--formats", "tflite-int8-npu", "--npu", "ethos-u65-256",
+                       "--out", out)
+    assert code == 0, err
+    u65 = Manifest.load(out).artifacts["tflite-int8-npu"]["vela"]
+    assert u65["accelerator"] == "Ethos_U65_256" and u65["operators"]["cpu"] == 0
+    assert u65["estimate"]["clock_mhz"] == 1000 and u65["sha256"] != vela["sha256"]
+
+    code, stdout, err = cli("bench", "--backend", "ethos-u", "--export", out, "--no-parity", "--json")
+    assert code == 0, err
+    shown = json.loads(stdout)["estimates"][0]
+    assert shown["npu"] == "ethos-u65-256" and shown["cycles"] == u65["estimate"]["cycles"] and shown["cpu_ops"] == 0
+    code, _, err = cli("bench", "--backend", "ethos-u", "--export", out, "--npu", "ethos-u55-128", "--no-parity")
+    assert code == 2 and "compiled for ethos-u65-256" in err, err
