@@ -93,3 +93,38 @@ def test_npu_export_runs_every_op_on_the_npu_and_passes_the_gate(cli, tmp_path, 
     assert shown["npu"] == "ethos-u65-256" and shown["cycles"] == u65["estimate"]["cycles"] and shown["cpu_ops"] == 0
     code, _, err = cli("bench", "--backend", "ethos-u", "--export", out, "--npu", "ethos-u55-128", "--no-parity")
     assert code == 2 and "compiled for ethos-u65-256" in err, err
+
+
+@pytest.mark.slow
+def test_mcu_file_runs_on_tflite_micro_as_on_litert(cli, tmp_path):
+    """The microcontroller file passes the gate on TFLite Micro, which computes what LiteRT computes on it
+    (the same INT8 outputs, to one quantisation step); TFLite Micro refuses the NPU file's INT8 EXP in one line."""
+    pytest.importorskip("onnx2tf")
+    pytest.importorskip("tflite_micro")
+    import numpy as np
+
+    from ulsam_deploy.errors import InputFileError
+    from ulsam_deploy.runtime import open_artifact
+
+    out = tmp_path / "exp"
+    code, _, err = cli("export", "--model", DIGITS, "--formats", "tflite-int8-mcu,tflite-int8-npu", "--out", out)
+    assert code == 0, err
+    manifest = Manifest.load(out)
+    assert manifest.artifacts["tflite-int8-mcu"]["backend"] == "tflm"
+    code, stdout, err = cli("check", "--export", out, "--formats", "tflite-int8-mcu", "--json")
+    rows = {row["artifact"]: row for row in json.loads(stdout)}
+    assert code == 0 and rows["tflite-int8-mcu"]["passed"] and rows["tflite-int8-mcu"]["backend"] == "tflm", err
+
+    size = manifest.spec.input_size
+    x = np.random.default_rng(0).normal(size=(16, 3, size, size)).astype(np.float32)
+    path = out / "model_int8_mcu.tflite"
+    micro, lite = open_artifact(path, "tflm", "int8"), open_artifact(path, "litert", "int8")
+    try:
+        got, want = micro(x), lite(x)
+    finally:
+        micro.close()
+        lite.close()
+    step = float(manifest.artifacts["tflite-int8-mcu"]["io"]["outputs"][0]["quantization"]["scale"])
+    assert np.abs(got - want).max() <= step * 1.001 and (got.argmax(1) == want.argmax(1)).all()
+    with pytest.raises(InputFileError, match="TFLite Micro cannot load model_int8_npu.tflite"):
+        open_artifact(out / "model_int8_npu.tflite", "tflm", "int8")

@@ -11,10 +11,11 @@ import importlib.util
 from .errors import BackendUnavailable
 
 # backend -> (pip extra, modules that backend imports)
-EXTRAS: dict[str, str] = {"litert": "tflite", "tensorrt": "tensorrt", "executorch": "executorch", "ethos-u": "npu"}
+EXTRAS: dict[str, str] = {"litert": "tflite", "tensorrt": "tensorrt", "executorch": "executorch", "ethos-u": "npu",
+                          "tflm": "npu"}
 MODULES: dict[str, tuple[str, ...]] = {"litert": ("onnx2tf", "tensorflow", "ai_edge_litert"),
                                        "tensorrt": ("tensorrt",), "executorch": ("executorch", "torchao"),
-                                       "ethos-u": ("ethosu",)}
+                                       "ethos-u": ("ethosu",), "tflm": ("tflite_micro",)}
 
 
 def install_hint(backend: str) -> str:

@@ -32,6 +32,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("tflite-int8", "model_int8.tflite", "int8", "litert", ("onnx",), calibrated=True),
     Format("tflite-int8-plain", "model_int8_plain.tflite", "int8", "litert", ("onnx",), calibrated=True),
     Format("tflite-int8-npu", "model_int8_npu.tflite", "int8", "litert", ("onnx",), calibrated=True),
+    Format("tflite-int8-mcu", "model_int8_mcu.tflite", "int8", "tflm", ("onnx",), calibrated=True),
     Format("trt-fp16", "model_fp16.engine", "fp16", "tensorrt", ("onnx",)),
     Format("trt-int8", "model_int8.engine", "int8", "tensorrt", ("onnx-int8-trt",), calibrated=True),
     Format("executorch-fp32", "model_fp32.pte", "fp32", "executorch"),
@@ -41,7 +42,9 @@ CPU_FORMATS = ("onnx", "onnx-int8", "tflite-fp32", "tflite-fp16", "tflite-int8")
 # Built only on request: the plain full-integer TFLite (attention in INT8 too), for comparison, the
 # symmetric Q/DQ ONNX that TensorRT builds from (ONNX Runtime runs it correctly but slowly on x86), and the
 # 8-bit-weight ONNX Runtime INT8, exact only on CPUs whose integer kernels accumulate in 32 bits; and the
-# full-integer TFLite for Arm Ethos-U NPUs (ULSAM in its `npu` form), compiled by Vela beside it.
+# full-integer TFLite for Arm Ethos-U NPUs (ULSAM in its `npu` form), compiled by Vela beside it; and the
+# full-integer TFLite for microcontrollers without an NPU (ULSAM's softmax as the SOFTMAX op, which TFLite
+# Micro has in INT8; it has no INT8 EXP), run by TFLite Micro.
 DEFAULT_FORMATS = ("onnx", "onnx-int8")
 
 

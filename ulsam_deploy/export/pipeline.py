@@ -29,7 +29,7 @@ from . import FORMATS, KEEP_FLOAT_FORMATS, RECIPE, check_keep_float
 from .describe import embed
 
 PRODUCERS = {"onnx": "ulsam_deploy.export.onnx", "onnx-int8": "ulsam_deploy.export.quantize",
-             "litert": "ulsam_deploy.export.tflite", "tensorrt": "ulsam_deploy.export.tensorrt",
+             "litert": "ulsam_deploy.export.tflite", "tflm": "ulsam_deploy.export.tflite", "tensorrt": "ulsam_deploy.export.tensorrt",
              "executorch": "ulsam_deploy.export.executorch"}
 # The Q/DQ ONNX formats and the INT8 encoding each is written in (export/quantize.py).
 ONNX_ENCODINGS = {"onnx-int8": "ort", "onnx-int8-vnni": "ort-vnni", "onnx-int8-trt": "tensorrt"}
@@ -143,8 +143,10 @@ def validate(request: ExportRequest) -> DataSet | None:
         from ..runtime.engines import require as require_tensorrt
 
         require_tensorrt("TensorRT export")
-    if any(FORMATS[n].backend == "litert" for n in request.formats):
+    if any(FORMATS[n].backend in ("litert", "tflm") for n in request.formats):
         require("litert", "TFLite export")
+    if any(FORMATS[n].backend == "tflm" for n in request.formats):
+        require("tflm", "The microcontroller format (TFLite Micro)")
     if any(FORMATS[n].backend == "executorch" for n in request.formats):
         require("executorch", "ExecuTorch export")
     if any(n in NPU_FORMATS for n in request.formats):
@@ -225,14 +227,14 @@ def _export_locked(request: ExportRequest, out: Path, calib: DataSet | None, res
 
 # Formats that share no work run in separate lanes: the ONNX family (and TensorRT, built from its ONNX
 # files), LiteRT (its own channels-last ONNX and converter) and each ExecuTorch program. Heaviest first.
-LANES = ("executorch-int8", "executorch-fp32", "litert", "onnx")
+LANES = ("executorch-int8", "executorch-fp32", "litert", "tflm", "onnx")
 
 
 def lanes(names: list[str]) -> list[list[str]]:
     """``names`` (dependencies first) grouped into lanes that can be built side by side, heaviest first."""
     def lane(name: str) -> str:
         fmt = FORMATS[name]
-        return name if fmt.backend == "executorch" else "litert" if fmt.backend == "litert" else "onnx"
+        return name if fmt.backend == "executorch" else fmt.backend if fmt.backend in ("litert", "tflm") else "onnx"
 
     grouped: dict[str, list[str]] = {}
     for name in names:
@@ -253,8 +255,9 @@ def build_artifact(name: str, request: ExportRequest, manifest: Manifest, calib:
     without the file's hash, size and time, which :meth:`Manifest.record` adds)."""
     fmt = FORMATS[name]
     details = _produce(name, request, manifest, calib)
-    if embed(fmt.backend, manifest.directory / fmt.filename, facts, name):
-        details["embedded_metadata"] = {"kind": "TFLITE_METADATA + labels.txt" if fmt.backend == "litert"
+    container = "litert" if fmt.backend == "tflm" else fmt.backend      # a TFLite file either way
+    if embed(container, manifest.directory / fmt.filename, facts, name):
+        details["embedded_metadata"] = {"kind": "TFLITE_METADATA + labels.txt" if container == "litert"
                                         else "metadata_props", "facts_sha256": facts.sha256()}
     details["recipe"] = RECIPE
     if name in KEEP_FLOAT_FORMATS:

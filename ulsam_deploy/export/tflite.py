@@ -41,6 +41,9 @@ from ..store.fileio import atomic_path
 from . import FORMATS
 
 SAMPLE_NAME = "calibration_image_sample_data_20x128x128x3_float32.npy"
+# ULSAM's export form per format (nets/ulsam.py): the NPU's has no DIV (Ethos-U55/U65 have none), the
+# microcontroller's softmax is the SOFTMAX op (TFLite Micro has no INT8 EXP); the others are channels-last.
+FORMS = {"tflite-int8-npu": "npu", "tflite-int8-mcu": "spread"}
 _SAVED: dict[str, tempfile.TemporaryDirectory] = {}   # reference sha256 + form -> onnx2tf output, reused in a run
 _LOCATED: dict[str, dict] = {}                          # onnx2tf output folder -> taps and layer members
 
@@ -126,12 +129,13 @@ def produce(name: str, manifest, target: Path, calib, keep_float: Sequence[int] 
     """Write the TFLite artifact ``name`` of ``manifest``'s ONNX to ``target``; ``keep_float`` paper
     layers stay float in ``tflite-int8`` (the plain model is the converter's untouched full-integer one).
     ``tflite-int8-npu`` is the full-integer model of ULSAM's ``npu`` form, compiled by Vela for ``npu``
-    into a second file beside it (``vela.compiled_name``)."""
+    into a second file beside it (``vela.compiled_name``); ``tflite-int8-mcu`` the full-integer model of
+    the ``spread`` form, for TFLite Micro."""
     _require()
     fmt = FORMATS[name]
     from ..store.manifest import REFERENCE
 
-    out = _onnx2tf(manifest.directory / REFERENCE, "npu" if name == "tflite-int8-npu" else "spatial")
+    out = _onnx2tf(manifest.directory / REFERENCE, FORMS.get(name, "spatial"))
     located = _located(out, manifest)
     # the I/O (layout, dtypes, quantisation) is read back by the pipeline; the taps serve `inspect`
     details = {"converter": "onnx2tf", "taps": located["taps"]}

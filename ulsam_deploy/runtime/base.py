@@ -31,6 +31,7 @@ RUNNERS = {
     "litert": "ulsam_deploy.runtime.litert:LiteRTRunner",
     "tensorrt": "ulsam_deploy.runtime.tensorrt:TensorRTRunner",
     "executorch": "ulsam_deploy.runtime.executorch:ExecuTorchRunner",
+    "tflm": "ulsam_deploy.runtime.tflm:TFLiteMicroRunner",
 }
 
 

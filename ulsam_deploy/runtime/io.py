@@ -14,7 +14,7 @@ import numpy as np
 
 def describe_io(path: Path, backend: str) -> dict:
     """{"inputs": [...], "outputs": [...]} for an artifact of ``backend``."""
-    reader = {"onnxruntime": _onnx, "litert": _tflite, "tensorrt": _engine, "executorch": _pte}[backend]
+    reader = {"onnxruntime": _onnx, "litert": _tflite, "tflm": _tflite, "tensorrt": _engine, "executorch": _pte}[backend]
     return reader(Path(path))
 
 

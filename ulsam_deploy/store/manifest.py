@@ -68,7 +68,7 @@ class ArtifactEntry(BaseModel):
     sha256: str
     size_bytes: int = Field(ge=0, le=1 << 50)
     precision: Literal["fp32", "fp16", "int8"]
-    backend: Literal["onnxruntime", "litert", "tensorrt", "executorch"]
+    backend: Literal["onnxruntime", "litert", "tflm", "tensorrt", "executorch"]
     seconds: float = Field(ge=0, le=1e9, allow_inf_nan=False)
     recipe: Optional[str] = None
     keep_float: list[int] = Field(default_factory=list, max_length=64)   # paper layers left in float

@@ -41,6 +41,7 @@ THRESHOLDS: dict[tuple[str, str], Thresholds] = {
     ("*", "int8"): Thresholds(min_top1_agreement=99.0, min_accuracy_delta=-1.0),
     ("litert", "int8"): Thresholds(min_top1_agreement=98.0, min_accuracy_delta=-1.0),
 }
+# TFLite Micro ("tflm") is gated as every other INT8 runtime ("*", "int8").
 
 
 def thresholds_for(backend: str, precision: str, overrides: dict | None = None) -> Thresholds:
