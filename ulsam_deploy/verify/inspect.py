@@ -163,7 +163,7 @@ def _locations(manifest, name: str, entry: dict, reference, onnx_cache: dict) ->
         if "onnx" not in onnx_cache:
             onnx_cache["onnx"] = onnx_locations(manifest.verify_artifact("onnx"), reference)
         return onnx_cache["onnx"]
-    if entry["backend"] == "litert":
+    if entry["backend"] in ("litert", "tflm"):       # TFLite Micro's file is probed on LiteRT (the same ops)
         if "taps" not in entry:
             raise InputFileError(f"{name} in {manifest.directory} records no layer taps (an older export)",
                                  "re-run `ulsam-deploy export` to rebuild it")

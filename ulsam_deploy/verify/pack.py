@@ -121,6 +121,9 @@ def _choose(manifest: Manifest, formats: list[str] | None) -> list[str]:
                                  "export onnx, onnx-int8, tflite-* or executorch-* formats first")
         return names
     for name in formats:
+        if FORMATS[name].backend == "tflm":
+            raise UlsamError(f"{name} runs on TFLite Micro, which a pack's verify.py does not run",
+                             "check it here with `ulsam-deploy check`, whose tflm runner runs it as a microcontroller does")
         if FORMATS[name].backend not in PACK_BACKENDS:
             raise UlsamError(f"{name} runs on an NVIDIA GPU with TensorRT; a pack holds what CPU runtimes run",
                              "check it with `ulsam-deploy check` on the GPU machine")

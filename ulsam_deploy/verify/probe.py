@@ -165,6 +165,6 @@ def open_probe(path: Path, backend: str, precision: str, threads: int, locations
     ``options`` are its runner's (:func:`ulsam_deploy.runtime.runner_options`)."""
     if backend == "onnxruntime":
         return OnnxProbe(path, precision, threads, locations, sample, **options)
-    if backend == "litert":
+    if backend in ("litert", "tflm"):   # TFLite Micro keeps no intermediate tensors: LiteRT reads them
         return LiteRTProbe(path, precision, threads, locations)
     raise InputFileError(f"inspect does not probe {backend} artifacts yet", "inspect the ONNX it is built from")
