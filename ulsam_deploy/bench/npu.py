@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import UlsamError
+from ..formats import NPU_FORMATS
 
-NPU_FORMAT = "tflite-int8-npu"
+NPU_FORMAT = NPU_FORMATS[0]
 
 
 @dataclass
@@ -39,7 +40,7 @@ class NpuReport:
     source: str = "Vela's performance model, not a measurement"
 
 
-def estimate_of(manifest, top1: float | None = None) -> NpuEstimate:
+def estimate_of(manifest) -> NpuEstimate:
     entry = manifest.artifacts.get(NPU_FORMAT)
     vela = entry.get("vela") if isinstance(entry, dict) else None
     if not isinstance(vela, dict) or not isinstance(vela.get("estimate"), dict):
@@ -50,7 +51,7 @@ def estimate_of(manifest, top1: float | None = None) -> NpuEstimate:
         return NpuEstimate(manifest.data["model"], str(vela["npu"]), str(vela["accelerator"]),
                            float(est["clock_mhz"]), int(est["cycles"]), float(est["inference_ms"]),
                            float(est["sram_kib"]), float(est["flash_kib"]) + float(est.get("dram_kib", 0.0)),
-                           ops.get("npu"), ops.get("cpu"), int(ops.get("segments", 0)), int(est["macs"]), top1)
+                           ops.get("npu"), ops.get("cpu"), int(ops.get("segments", 0)), int(est["macs"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise UlsamError(f"{manifest.directory}: the {NPU_FORMAT} entry's Vela record is malformed ({exc})",
                          "re-export it") from None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..formats import DEFAULT_FORMATS
+from .vela import DEFAULT_NPU
 
 
 @dataclass(frozen=True)
@@ -19,4 +20,4 @@ class ExportOptions:
     calib_method: str = "minmax"
     keep_float: tuple[int, ...] = ()       # paper layers kept in float in the INT8 formats that honour it
     allow_large: bool = False              # build a network over the size limit (nets.build.MAX_BUILD_BYTES)
-    npu: str = "ethos-u55-128"             # the Ethos-U configuration tflite-int8-npu is compiled for
+    npu: str = DEFAULT_NPU                 # the Ethos-U configuration tflite-int8-npu is compiled for

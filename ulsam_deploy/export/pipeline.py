@@ -24,9 +24,10 @@ from ..runtime.base import usable_cores
 from ..runtime.io import describe_io
 from ..nets import MobileNet, save_checkpoint
 from ..nets.build import sha256_file
-from ..formats import NPU_FORMATS
+from ..formats import NPU_FORMATS, TFLITE_BACKENDS
 from . import FORMATS, KEEP_FLOAT_FORMATS, RECIPE, check_keep_float
 from .describe import embed
+from .vela import DEFAULT_NPU
 
 PRODUCERS = {"onnx": "ulsam_deploy.export.onnx", "onnx-int8": "ulsam_deploy.export.quantize",
              "litert": "ulsam_deploy.export.tflite", "tflm": "ulsam_deploy.export.tflite", "tensorrt": "ulsam_deploy.export.tensorrt",
@@ -49,7 +50,7 @@ class ExportRequest:
     keep_float: tuple[int, ...] = ()  # paper layers kept in float in the INT8 formats that honour it
     class_names: tuple[str, ...] = ()  # written into the artifacts that can carry them (default class_0 ...)
     accuracy: str | None = None        # the checkpoint's recorded test accuracy, for the artifacts' description
-    npu: str = "ethos-u55-128"         # the Ethos-U configuration tflite-int8-npu is compiled for (export/vela.py)
+    npu: str = DEFAULT_NPU             # the Ethos-U configuration tflite-int8-npu is compiled for (export/vela.py)
 
     def facts(self):
         from importlib.metadata import PackageNotFoundError, version
@@ -143,7 +144,7 @@ def validate(request: ExportRequest) -> DataSet | None:
         from ..runtime.engines import require as require_tensorrt
 
         require_tensorrt("TensorRT export")
-    if any(FORMATS[n].backend in ("litert", "tflm") for n in request.formats):
+    if any(FORMATS[n].backend in TFLITE_BACKENDS for n in request.formats):
         require("litert", "TFLite export")
     if any(FORMATS[n].backend == "tflm" for n in request.formats):
         require("tflm", "The microcontroller format (TFLite Micro)")
@@ -234,7 +235,7 @@ def lanes(names: list[str]) -> list[list[str]]:
     """``names`` (dependencies first) grouped into lanes that can be built side by side, heaviest first."""
     def lane(name: str) -> str:
         fmt = FORMATS[name]
-        return name if fmt.backend == "executorch" else fmt.backend if fmt.backend in ("litert", "tflm") else "onnx"
+        return name if fmt.backend == "executorch" else fmt.backend if fmt.backend in TFLITE_BACKENDS else "onnx"
 
     grouped: dict[str, list[str]] = {}
     for name in names:

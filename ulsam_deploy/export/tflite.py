@@ -83,10 +83,6 @@ def _onnx2tf(reference: Path, form: str = "spatial") -> Path:
     return work / "out"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _worker(*args: str, cwd: Path) -> None:
     """Run the converter worker; TensorFlow stays out of this process and its logs out of the CLI."""
     proc = subprocess.run([sys.executable, "-m", "ulsam_deploy.export.onnx2tf_worker", *args], cwd=cwd,
@@ -154,12 +150,13 @@ def produce(name: str, manifest, target: Path, calib, keep_float: Sequence[int] 
             _worker("quantize", str(out), str(calib_file), str(tmp), "attention-float" if keep else "plain",
                     str(float_file), cwd=out.parent)
             if name == "tflite-int8-npu":
+                from ..nets.build import sha256_file
                 from . import vela
 
                 compiled = target.with_name(vela.compiled_name(target.name))
                 with atomic_path(compiled) as compiled_tmp:
                     details["vela"] = vela.compile_model(tmp, compiled_tmp, npu or vela.DEFAULT_NPU)
-                details["vela"] |= {"file": compiled.name, "sha256": _sha256(compiled),
+                details["vela"] |= {"file": compiled.name, "sha256": sha256_file(compiled),
                                     "size_bytes": compiled.stat().st_size}
             details |= {"converter": "onnx2tf SavedModel -> tf.lite.TFLiteConverter (full integer, int8 I/O)"
                                      if not keep else "onnx2tf SavedModel -> tf.lite.TFLiteConverter (selective)",

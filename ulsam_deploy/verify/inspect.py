@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import InputFileError, UlsamError
 from ..export.layermap import Tap, eager_taps, onnx_locations, taps_of
+from ..formats import TFLITE_BACKENDS
 from .parity import row_cosine
 
 JUMP_DB = 6.0          # a jump: SQNR falls by >= 6 dB (the error at least doubles) from one layer to the next
@@ -163,7 +164,7 @@ def _locations(manifest, name: str, entry: dict, reference, onnx_cache: dict) ->
         if "onnx" not in onnx_cache:
             onnx_cache["onnx"] = onnx_locations(manifest.verify_artifact("onnx"), reference)
         return onnx_cache["onnx"]
-    if entry["backend"] in ("litert", "tflm"):       # TFLite Micro's file is probed on LiteRT (the same ops)
+    if entry["backend"] in TFLITE_BACKENDS:       # TFLite Micro's file is probed on LiteRT (the same ops)
         if "taps" not in entry:
             raise InputFileError(f"{name} in {manifest.directory} records no layer taps (an older export)",
                                  "re-run `ulsam-deploy export` to rebuild it")

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import InputFileError
 from ..export.layermap import onnx_consumers, tensor_key, through_reshapes, to_eager_layout
+from ..formats import TFLITE_BACKENDS
 from ..runtime import open_artifact
 
 POST_Q, PRE_Q, FLOAT = "post-quantisation", "pre-quantisation", "float"
@@ -165,6 +166,6 @@ def open_probe(path: Path, backend: str, precision: str, threads: int, locations
     ``options`` are its runner's (:func:`ulsam_deploy.runtime.runner_options`)."""
     if backend == "onnxruntime":
         return OnnxProbe(path, precision, threads, locations, sample, **options)
-    if backend in ("litert", "tflm"):   # TFLite Micro keeps no intermediate tensors: LiteRT reads them
+    if backend in TFLITE_BACKENDS:   # TFLite Micro keeps no intermediate tensors: LiteRT reads them
         return LiteRTProbe(path, precision, threads, locations)
     raise InputFileError(f"inspect does not probe {backend} artifacts yet", "inspect the ONNX it is built from")
