@@ -171,18 +171,20 @@ def train(data: str, out: PathLike, *, model: Optional[PathLike] = None, arch: O
           num_classes: Optional[int] = None, input_size: Optional[int] = None, val: Optional[PathLike] = None,
           epochs: int = 30, batch_size: int = 64, lr: float = 0.05, schedule: str = "cosine",
           label_smoothing: float = 0.0, max_steps: Optional[int] = None, workers: int = 2, device: str = "auto",
-          amp: str = "off", teacher: Optional[PathLike] = None, resume: bool = False, force: bool = False,
-          seed: int = 0, progress: Progress = False) -> dict:
+          amp: str = "off", teacher: Optional[PathLike] = None, qat: bool = False, resume: bool = False,
+          force: bool = False, seed: int = 0, progress: Progress = False) -> dict:
     """Train (one process; the CLI's ``--nproc`` runs several) on ``digits``, ``fashion`` or an ImageFolder,
-    from ``model`` or from scratch; writes the model folder ``out`` and returns the run's summary."""
+    from ``model`` or from scratch; writes the model folder ``out`` and returns the run's summary. ``qat``:
+    quantisation-aware fine-tuning of ``model`` (the CLI's ``--qat``)."""
     from .training.run import RunRequest, run_training, validate_training
     from .training.train import TrainConfig
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed,
-                         label_smoothing=label_smoothing, max_steps=max_steps, workers=workers, amp=amp)
+                         label_smoothing=label_smoothing, max_steps=max_steps, workers=workers, amp=amp, qat=qat)
     out_path = Path(out)
     validate_training(config, out_path, None if teacher is None else Path(teacher),
-                      None if val is None else Path(val), device, sync_bn=False, force=force, resume=resume)
+                      None if val is None else Path(val), device, sync_bn=False, force=force, resume=resume,
+                      start_from=None if model is None else Path(model))
     options = ModelOptions(arch, positions, groups, width, num_classes, input_size)
     request = RunRequest(out_path, options, None if model is None else Path(model), data,
                          None if val is None else Path(val), None, None, config, device,

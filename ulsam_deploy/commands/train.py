@@ -42,6 +42,9 @@ def train(ctx: typer.Context, out: Annotated[Path, typer.Option("--out", "-o", h
               "--teacher", help="Distil from this checkpoint (any layout `build --from` reads).")] = None,
           kd_weight: Annotated[float, typer.Option("--kd-weight", min=0.0, max=1.0)] = 0.5,
           kd_temperature: Annotated[float, typer.Option("--kd-temperature", min=0.1, max=100.0)] = 4.0,
+          qat: Annotated[bool, typer.Option(
+              "--qat", help="Quantisation-aware fine-tuning of the --start-from model (INT8 simulated as the "
+                            "full-integer TFLite formats quantise): the repair path for tflite-int8-npu/-mcu.")] = False,
           resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out (same arguments).")] = False,
           force: Annotated[bool, typer.Option("--force", help="Replace the model already in --out.")] = False,
           allow_large: o.AllowLarge = False,
@@ -54,8 +57,8 @@ def train(ctx: typer.Context, out: Annotated[Path, typer.Option("--out", "-o", h
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule=schedule, seed=seed,
                          label_smoothing=label_smoothing, freeze_backbone_epochs=freeze_backbone_epochs,
                          max_steps=max_steps, workers=workers, amp=amp, sync_bn=sync_bn, kd_weight=kd_weight,
-                         kd_temperature=kd_temperature)
-    chosen = validate_training(config, out, teacher, val, device, sync_bn, force, resume)
+                         kd_temperature=kd_temperature, qat=qat)
+    chosen = validate_training(config, out, teacher, val, device, sync_bn, force, resume, start_from)
     check_nproc(nproc, chosen)
     argv = _invoked_args(ctx)
     if nproc > 1 and not launched():

@@ -92,7 +92,10 @@ def quantize(model, images: np.ndarray, method: str, keep_float: Sequence[int] =
 
     class Quantizer(XNNPACKQuantizer):
         def annotate(self, gm):
-            return observe_after_clamps(super().annotate(gm), observer)
+            def constructor(low, high):
+                return clamped(observer, low, high).with_args(eps=2 ** -12)
+
+            return observe_after_clamps(super().annotate(gm), constructor)
 
     quantizer = Quantizer().set_global(config).set_filter_function(lambda node: node.name not in float_nodes)
     prepared = prepare_pt2e(graph, quantizer)
@@ -108,8 +111,9 @@ def quantize(model, images: np.ndarray, method: str, keep_float: Sequence[int] =
     return converted, recipe
 
 
-def observe_after_clamps(gm, observer):
-    """Calibrate a convolution that feeds a ReLU6 on the clamped values.
+def observe_after_clamps(gm, constructor):
+    """Calibrate a convolution that feeds a ReLU6 on the clamped values; ``constructor(low, high)`` makes the
+    observer (or fake quantiser, in quantisation-aware training) of such an output.
 
     The XNNPACK quantizer has no conv + hardtanh pattern: the convolution's output is observed before the
     clamp and ReLU6 shares its range, so MV2's activations would be quantised over the unclamped range (tens
@@ -128,12 +132,11 @@ def observe_after_clamps(gm, observer):
             continue
         low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
         high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
-        clamped = _clamped(observer, low, high).with_args(eps=2 ** -12)
-        annotation.output_qspec = replace(annotation.output_qspec, observer_or_fake_quant_ctr=clamped)
+        annotation.output_qspec = replace(annotation.output_qspec, observer_or_fake_quant_ctr=constructor(low, high))
     return gm
 
 
-def _clamped(observer, low: float, high: float):
+def clamped(observer, low: float, high: float):
     """``observer`` seeing its input clamped to [low, high] (and passing the input on unchanged)."""
     class Clamped(observer):
         def forward(self, x):

@@ -61,6 +61,11 @@ def write_model_folder(model: MobileNet, folder: Path, data: TrainData, result: 
     distil = (f"\n\nDistillation: teacher {teacher}, loss (1 - {config.kd_weight:g}) CE + {config.kd_weight:g} T² "
               f"KL at T = {config.kd_temperature:g}; the teacher in eval mode, no gradients, on the same batch."
               if teacher else "")
+    if config.qat:
+        from .qat import RECIPE
+
+        distil += (f"\n\nQuantisation-aware fine-tuning: {RECIPE}. The per-epoch test top-1 below is the simulated "
+                   "INT8 model's; the accuracy above is that of the saved float weights.")
     card = f"""# {Path(folder).name}
 
 {spec.arch.upper()} (width {spec.width:g}) with ULSAM at `{spec.positions or '-'}` (g = {spec.groups}),

@@ -64,14 +64,14 @@ def leave() -> None:
 
 
 def average_batchnorm(model: nn.Module, world: World) -> None:
-    """Replace every BatchNorm's running mean and variance by their average over the processes."""
+    """Replace every BatchNorm's running mean and variance by their average over the processes (found by
+    name: an exported graph, as in quantisation-aware training, holds them without BatchNorm modules)."""
     if not world.distributed:
         return
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            for buffer in (module.running_mean, module.running_var):
-                dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-                buffer.div_(world.size)
+    for name, buffer in model.named_buffers():
+        if name.endswith((".running_mean", ".running_var")):
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer.div_(world.size)
 
 
 def all_sum(values: list[float], world: World, device: torch.device) -> list[float]:

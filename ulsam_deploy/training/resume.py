@@ -88,10 +88,22 @@ def _check_tensors(path: Path, field: str, saved, expected: dict) -> None:
         raise _fail(path, field, "does not hold this model's tensors")
     for name, tensor in expected.items():
         value = saved[name]
-        if not isinstance(value, torch.Tensor) or value.shape != tensor.shape or value.dtype != tensor.dtype:
+        if isinstance(value, torch.Tensor) and _observed(name) and value.dtype == tensor.dtype:
+            if value.dim() > 1 or value.numel() > MAX_CHANNELS:
+                raise _fail(path, f"{field}.{name}", "is not a quantisation range (one value per tensor or channel)")
+        elif not isinstance(value, torch.Tensor) or value.shape != tensor.shape or value.dtype != tensor.dtype:
             raise _fail(path, f"{field}.{name}", f"is not a {tuple(tensor.shape)} {tensor.dtype} tensor")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise _fail(path, f"{field}.{name}", "holds NaN or infinite values")
+
+
+MAX_CHANNELS = 1 << 16
+
+
+def _observed(name: str) -> bool:
+    """A fake quantiser's range (quantisation-aware training): its shape is set by the first values it sees
+    (one value per tensor, or per channel), so a saved one differs from a fresh one."""
+    return "activation_post_process" in name and name.rsplit(".", 1)[-1] in ("scale", "zero_point", "min_val", "max_val")
 
 
 def _check_optimiser(path: Path, saved, optimiser: torch.optim.Optimizer) -> None:

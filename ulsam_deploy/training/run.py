@@ -61,7 +61,7 @@ _RANGES = {"epochs": (1, 1000), "batch_size": (2, 4096), "lr": (1e-6, 10.0), "la
 
 
 def validate_training(config: TrainConfig, out: Path, teacher: Path | None, val: Path | None, device: str,
-                      sync_bn: bool, force: bool, resume: bool) -> torch.device:
+                      sync_bn: bool, force: bool, resume: bool, start_from: Path | None = None) -> torch.device:
     """Every check of a training request that needs no data or model, before anything starts; the device."""
     from .state import check_output
 
@@ -80,6 +80,8 @@ def validate_training(config: TrainConfig, out: Path, teacher: Path | None, val:
         raise UlsamError(f"--teacher {teacher} does not exist")
     if val is not None and not val.is_dir():
         raise UlsamError(f"--val {val} is not a folder")
+    if config.qat:
+        _check_qat(config, start_from)
     chosen = choose_device(device)
     if config.amp == "fp16" and chosen.type == "cpu":
         raise UlsamError("--amp fp16 needs a CUDA device", "use --amp bf16 on CPU, or --device cuda")
@@ -88,6 +90,22 @@ def validate_training(config: TrainConfig, out: Path, teacher: Path | None, val:
                          "drop it: on CPU the BatchNorm statistics are averaged over the processes after each epoch")
     check_output(out, force, resume)
     return chosen
+
+
+def _check_qat(config: TrainConfig, start_from: Path | None) -> None:
+    import importlib.util
+
+    if start_from is None:
+        raise UlsamError("--qat fine-tunes a trained model, and no --start-from was given",
+                         "train the model first, then: ulsam-deploy train --qat --start-from MODEL ...")
+    if config.amp != "off":
+        raise UlsamError("--qat simulates INT8 in float32; it does not combine with --amp", "drop --amp")
+    if config.freeze_backbone_epochs:
+        raise UlsamError("--qat fine-tunes every layer; it does not combine with --freeze-backbone-epochs",
+                         "drop --freeze-backbone-epochs")
+    if any(importlib.util.find_spec(m) is None for m in ("executorch", "torchao")):
+        raise UlsamError("--qat needs the XNNPACK quantizer of ExecuTorch, which is not installed",
+                         "pip install 'ulsam-deploy[executorch]'")
 
 
 def _process_device(chosen: torch.device) -> torch.device:
@@ -116,16 +134,27 @@ def run_training(request: RunRequest, quiet: bool = False) -> dict | None:
         teacher = teacher_model(request.teacher, model.spec) if request.teacher is not None else None
         sources = _sources(request)
         check_writable(model, data, request.config, *sources)
+        net = model
+        if request.config.qat:
+            from .qat import prepare
+
+            size = model.spec.input_size
+            net = prepare(model, torch.zeros(2, 3, size, size))
         with folder_lock(request.out) if world.main else contextlib.nullcontext():
             with _progress(world, request.config, data, quiet) as hooks:
                 try:
-                    result = train(model, data, request.config, request.out, world, device, teacher, request.resume,
+                    result = train(net, data, request.config, request.out, world, device, teacher, request.resume,
                                    hooks, request.resume_command)
                 except (RuntimeError, OSError) as exc:     # a collective with a process that died
                     lost = lost_peer(exc, world)
                     if lost is None:
                         raise
                     raise lost from None
+            if net is not model:    # the float weights trained under simulated INT8, evaluated as saved
+                from .train import evaluate
+
+                net.write_back(model)
+                result.final = evaluate(model, data.evaluation, world, device, request.config.batch_size * 2)
             if not world.main:
                 return None
             return _finish(model, data, result, request, *sources)

@@ -48,6 +48,7 @@ class TrainConfig:
     sync_bn: bool = False
     kd_weight: float = 0.5            # with a teacher: loss = (1 - w) CE + w T^2 KL
     kd_temperature: float = 4.0
+    qat: bool = False                 # quantisation-aware fine-tuning (training/qat.py)
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,11 @@ class Hooks:
     on_epoch: Callable[[EpochLog], None] | None = None
 
 
-def train(model: MobileNet, data: TrainData, config: TrainConfig, out: Path, world: World, device: torch.device,
+def train(model: MobileNet | nn.Module, data: TrainData, config: TrainConfig, out: Path, world: World, device: torch.device,
           teacher: nn.Module | None = None, resume: bool = False, hooks: Hooks | None = None,
           resume_hint: str = "") -> TrainResult:
-    """Train ``model`` in place; after every epoch rank 0 writes the training state into ``out``."""
+    """Train ``model`` in place (a MobileNet, or one prepared for quantisation-aware training: ``qat.QatNet``);
+    after every epoch rank 0 writes the training state into ``out``."""
     hooks = hooks or Hooks()
     # NHWC: oneDNN's CPU convolutions (depthwise ones most) and cuDNN's run faster on it; 1.4x per training step
     # on a CPU at 112 px. The teacher below sees the same NHWC batches, so it is laid out the same way.
@@ -194,7 +196,8 @@ def _state_config(config: TrainConfig, model: MobileNet, data: TrainData) -> dic
 def _epoch(net, model, teacher, loader, optimiser, scheduler, scaler, config: TrainConfig, device, world: World,
            epoch: int, step: int, hooks: Hooks) -> tuple[EpochLog, int, dict[str, str]]:
     net.train()
-    _freeze_backbone(model, epoch <= config.freeze_backbone_epochs)
+    if config.freeze_backbone_epochs:
+        _freeze_backbone(model, epoch <= config.freeze_backbone_epochs)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
     seen = correct = 0
     loss_sum = wait = 0.0
