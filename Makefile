@@ -63,13 +63,21 @@ demo-full: install
 	$(BIN)/ulsam-deploy inspect --model $(MODEL) --formats onnx-int8,tflite-int8 --images 256 --plot runs/inspect.png
 	$(BIN)/ulsam-deploy bench --model $(MODEL) --vs $(VS) --backend all --runs 50
 
-# pytest exits 5 when it collects nothing; that is reported, not treated as a crash. The 30 slowest tests are
-# listed at the end, to keep the suite short.
+# pytest exits 5 when it collects nothing; that is reported, not treated as a crash. The suite runs in
+# TEST_WORKERS processes (pytest-xdist, one test file per process at a time), then the tests marked `serial`
+# (they time something) alone. The 30 slowest tests are listed at the end of each part, to keep the suite short.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q
+define run_pytest
+$(PYTEST) $(1); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; [ $$rc -eq 0 ]
+endef
+
 test: install emulator emulator-arm64
-	$(BIN)/python -m pytest -q --durations=30; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
+	@$(call run_pytest,-n $(TEST_WORKERS) --dist loadfile -m "not serial" --durations=30)
+	@$(call run_pytest,-m serial --durations=30)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	@$(call run_pytest,-n $(TEST_WORKERS) --dist loadfile -m "not slow and not serial")
 
 # The documentation site (README.md is its front page): mkdocs.yml, docs/; built into site/.
 $(DOCS_STAMP): pyproject.toml constraints.txt | $(STAMP)

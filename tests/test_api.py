@@ -49,6 +49,7 @@ def test_a_model_built_in_code_exports_and_checks_quietly_as_the_cli_does(tmp_pa
     assert manifest.data["checkpoint"] == {"in_memory": "MobileNet"}
 
 
+@pytest.mark.slow
 def test_a_shipped_model_loads_exports_and_checks_from_python(tmp_path):
     model = ud.load(DIGITS)
     assert model.spec.num_classes == 10 and not model.training

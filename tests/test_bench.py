@@ -96,6 +96,7 @@ def test_gemm_peaks_are_measured_per_precision():
     assert fp32 > 0 and int8 > 0
 
 
+@pytest.mark.slow
 def test_bench_reads_an_export_directory_and_writes_no_runs_folder(cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "exp"

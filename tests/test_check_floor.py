@@ -43,6 +43,7 @@ def _floor(directory: Path, threads: int) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_check_stays_near_its_floor(tmp_path):
     from ulsam_deploy import api
     from ulsam_deploy.store.refcache import FOLDER

@@ -75,6 +75,7 @@ def _assert_logits(path, expected, key):
     assert float((logits - reference).abs().max()) <= 1e-5 * float(reference.max() - reference.min())
 
 
+@pytest.mark.slow
 def test_torchvision_checkpoint_builds_exports_and_checks(cli, tmp_path, expected):
     out = tmp_path / "m.safetensors"
     code, stdout, err = cli("build", "--from", TV, "--arch", "mv2", "--width", "0.5", "--num-classes", "10",

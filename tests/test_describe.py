@@ -60,6 +60,7 @@ def test_metadata_flatbuffer_reads_back_with_the_published_schema(tmp_path):
     assert "int8" in quantised["description"] and min(quantised["stats"]["min"]) >= -128
 
 
+@pytest.mark.slow
 def test_onnx_carries_labels_and_preprocessing_without_changing_a_number(tmp_path):
     import onnx
     import onnxruntime as ort

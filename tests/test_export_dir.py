@@ -142,12 +142,18 @@ def test_read_only_or_full_filesystem_is_one_line(cli, tmp_path, kind):
     (lambda d: d["artifacts"]["onnx"].__setitem__("file", "/etc/passwd"), "inside the export directory"),
     (lambda d: d["artifacts"]["onnx-int8"].__setitem__("keep_float", [5, "x"]), "artifacts.onnx-int8.keep_float"),
 ])
-def test_a_manifest_that_does_not_fit_the_schema_is_refused_and_export_repairs_it(copy, cli, model, change, words):
+def test_a_manifest_that_does_not_fit_the_schema_is_refused_in_one_line(copy, cli, change, words):
     _edit(copy, change)
     for command in ("check", "parity"):
         code, _, err = cli(command, "--export", copy, "--data", "digits")
         _one_line(code, err)
         assert words in err, err
+
+
+def test_export_repairs_a_manifest_that_does_not_fit_the_schema(copy, cli, model):
+    _edit(copy, lambda d: d["artifacts"]["onnx"].__setitem__("file", "../other/model.onnx"))
+    code, _, err = cli("check", "--export", copy, "--data", "digits")
+    _one_line(code, err)
     reference = copy / REFERENCE
     code, _, err = cli("export", "--model", model, "--formats", "onnx,onnx-int8", *CALIB, "--out", copy)
     assert code == 0, err

@@ -49,6 +49,7 @@ def test_lanes_in_processes_give_the_serial_export(tmp_path, cli, monkeypatch):
     assert entries["2"]["onnx"]["sha256"] == entries["1"]["onnx"]["sha256"]   # the same bytes
 
 
+@pytest.mark.slow
 def test_a_failing_lane_stops_the_others_and_says_which(tmp_path):
     """A lane that fails (here: an INT8 format handed no calibration set) ends the export with its traceback,
     and the other lane's process is stopped, not left running."""

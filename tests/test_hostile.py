@@ -244,7 +244,7 @@ FIELDS = ["format", "spec", "preprocessing", "dataset", "test_top1", "test_top5"
 METADATA_RUN = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-@settings(max_examples=30, **METADATA_RUN)
+@settings(max_examples=12, **METADATA_RUN)
 @given(data=st.data(), command=st.sampled_from(["evaluate", "build", "export"]))
 def test_mutated_metadata_never_crashes_and_refusals_write_nothing(world, tmp_path_factory, data, command):
     _mutated_metadata_run(world, tmp_path_factory, data, command)

@@ -31,6 +31,7 @@ def test_missing_vela_names_the_extra(cli, tmp_path, monkeypatch):
     assert not (tmp_path / "exp").exists()
 
 
+@pytest.mark.slow
 def test_bench_ethos_u_without_an_npu_file_says_how_to_export_it(cli, tmp_path):
     out = tmp_path / "exp"
     assert cli("export", *SMALL, "--formats", "onnx", "--out", out)[0] == 0

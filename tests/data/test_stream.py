@@ -85,6 +85,7 @@ def test_skipped_files_are_counted_with_reasons(odd_labelled):
         assert name in text, text
 
 
+@pytest.mark.slow
 def test_parity_and_evaluate_report_skipped_files(odd_labelled, tmp_path, cli):
     from ulsam_deploy.nets import build_model, save_checkpoint
     from ulsam_deploy.model.spec import ModelSpec

@@ -162,6 +162,7 @@ def test_folder_training_card_states_the_held_out_images_and_recipe(cli, tmp_pat
     assert "random resized crop" in card and "label smoothing 0.1" in card
 
 
+@pytest.mark.slow
 def test_folder_class_names_travel_into_the_checkpoint_and_the_artifacts(cli, tmp_path):
     import json
 

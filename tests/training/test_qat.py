@@ -30,6 +30,7 @@ def images(n=64):
     return torch.from_numpy(np.array(x[:n]))
 
 
+@pytest.mark.slow
 def test_the_simulation_quantises_and_the_trained_weights_go_back_into_the_model(tmp_path):
     model = build_model(SPEC, seed=0)
     start = {k: v.clone() for k, v in model.state_dict().items()}
