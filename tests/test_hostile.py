@@ -251,7 +251,7 @@ def test_mutated_metadata_never_crashes_and_refusals_write_nothing(world, tmp_pa
 
 
 @pytest.mark.slow
-@settings(max_examples=200, **METADATA_RUN)
+@settings(max_examples=100, **METADATA_RUN)
 @given(data=st.data(), command=st.sampled_from(["evaluate", "build", "export"]))
 def test_many_mutated_metadata_never_crash(world, tmp_path_factory, data, command):
     _mutated_metadata_run(world, tmp_path_factory, data, command)

@@ -94,7 +94,7 @@ def _snapshot(folder: Path) -> dict:
 
 
 @pytest.mark.slow
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(data=st.data(), command=st.sampled_from(["check", "check", "parity", "export"]))
 def test_mutated_manifests_never_crash_or_escape(world, tmp_path_factory, data, command):
