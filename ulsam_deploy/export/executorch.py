@@ -74,8 +74,7 @@ def produce(name: str, manifest, target: Path, calib, keep_float: Sequence[int] 
 def quantize(model, images: np.ndarray, method: str, keep_float: Sequence[int] = ()):
     """(the PT2E-converted module, its recipe record) of ``model`` calibrated on ``images`` (NCHW float32)."""
     import torch
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
-                                                                          get_symmetric_quantization_config)
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
     from torchao.quantization.pt2e import observer as observers
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -90,14 +89,11 @@ def quantize(model, images: np.ndarray, method: str, keep_float: Sequence[int] =
     activations = replace(config.input_activation, observer_or_fake_quant_ctr=observer.with_args(eps=2 ** -12))
     config = replace(config, input_activation=activations, output_activation=activations)
 
-    class Quantizer(XNNPACKQuantizer):
-        def annotate(self, gm):
-            def constructor(low, high):
-                return clamped(observer, low, high).with_args(eps=2 ** -12)
+    def constructor(low, high):
+        return clamped(observer, low, high).with_args(eps=2 ** -12)
 
-            return observe_after_clamps(super().annotate(gm), constructor)
-
-    quantizer = Quantizer().set_global(config).set_filter_function(lambda node: node.name not in float_nodes)
+    quantizer = clamp_aware_quantizer(constructor).set_global(config)
+    quantizer.set_filter_function(lambda node: node.name not in float_nodes)
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
         for start in range(0, len(images), CALIBRATION_BATCH):
@@ -109,6 +105,18 @@ def quantize(model, images: np.ndarray, method: str, keep_float: Sequence[int] =
               "logits": "float", "classifier": "float", "keep_float": sorted(keep_float),
               "float_nodes": sorted(float_nodes), "calibration_layout": "NCHW, normalised (the model input)"}
     return converted, recipe
+
+
+def clamp_aware_quantizer(constructor):
+    """The XNNPACK quantizer with a ReLU6-fed convolution's output observed by ``constructor(low, high)`` on
+    the clamped values (``observe_after_clamps``): post-training calibration and quantisation-aware training."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+
+    class Quantizer(XNNPACKQuantizer):
+        def annotate(self, gm):
+            return observe_after_clamps(super().annotate(gm), constructor)
+
+    return Quantizer()
 
 
 def observe_after_clamps(gm, constructor):

@@ -45,9 +45,8 @@ class QatNet(nn.Module):
         return self.graph(x)
 
     def train(self, mode: bool = True) -> "QatNet":
-        from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
-
-        from torchao.quantization.pt2e import disable_observer, enable_observer
+        from torchao.quantization.pt2e import (disable_observer, enable_observer, move_exported_model_to_eval,
+                                               move_exported_model_to_train)
 
         # the switch traces its patterns on random example inputs: the training's random stream must not see it
         with torch.random.fork_rng(devices=[]):
@@ -66,24 +65,20 @@ class QatNet(nn.Module):
 
 def prepare(model: MobileNet, sample: torch.Tensor) -> QatNet:
     """``model`` (trained, on CPU) ready for quantisation-aware training; ``sample`` is a batch of inputs."""
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
-                                                                          get_symmetric_quantization_config)
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
     from ..export import quiet
-    from ..export.executorch import observe_after_clamps
+    from ..export.executorch import clamp_aware_quantizer
 
     config = get_symmetric_quantization_config(is_per_channel=True, is_qat=True)
-
-    class Quantizer(XNNPACKQuantizer):
-        def annotate(self, gm):
-            return observe_after_clamps(super().annotate(gm), lambda low, high: _clamped_fake_quant(config, low, high))
+    quantizer = clamp_aware_quantizer(lambda low, high: _clamped_fake_quant(config, low, high)).set_global(config)
 
     model.train()
     batch = torch.export.Dim("batch", min=1, max=65536)
     with quiet(), export_form(model, FORM):
         graph = torch.export.export(model, (sample.contiguous(),), dynamic_shapes=({0: batch},)).module()
-        prepared = prepare_qat_pt2e(graph, Quantizer().set_global(config))
+        prepared = prepare_qat_pt2e(graph, quantizer)
     return QatNet(model, prepared).train()
 
 

@@ -93,7 +93,7 @@ def validate_training(config: TrainConfig, out: Path, teacher: Path | None, val:
 
 
 def _check_qat(config: TrainConfig, start_from: Path | None) -> None:
-    import importlib.util
+    from ..extras import require
 
     if start_from is None:
         raise UlsamError("--qat fine-tunes a trained model, and no --start-from was given",
@@ -103,9 +103,7 @@ def _check_qat(config: TrainConfig, start_from: Path | None) -> None:
     if config.freeze_backbone_epochs:
         raise UlsamError("--qat fine-tunes every layer; it does not combine with --freeze-backbone-epochs",
                          "drop --freeze-backbone-epochs")
-    if any(importlib.util.find_spec(m) is None for m in ("executorch", "torchao")):
-        raise UlsamError("--qat needs the XNNPACK quantizer of ExecuTorch, which is not installed",
-                         "pip install 'ulsam-deploy[executorch]'")
+    require("executorch", "--qat (the XNNPACK quantizer of ExecuTorch)")
 
 
 def _process_device(chosen: torch.device) -> torch.device:
