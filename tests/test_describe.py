@@ -135,7 +135,11 @@ def test_tflite_metadata_changes_no_number(tflite_export):
 
     from ulsam_deploy.store.manifest import Manifest
 
-    raw = [Path(d.name) / "out" for d in tflite._SAVED.values()]
+    import hashlib
+
+    # this export's own converter output (other TFLite exports in this process left theirs beside it)
+    digest = hashlib.sha256((tflite_export / "reference.safetensors").read_bytes()).hexdigest() + "-spatial"
+    raw = [Path(tflite._SAVED[digest].name) / "out"] if digest in tflite._SAVED else []
     assert raw, "the session's TFLite export left no converter output to compare with"
     size = Manifest.load(tflite_export).data["spec"]["input_size"]
     x = np.random.default_rng(0).normal(size=(1, size, size, 3)).astype(np.float32)

@@ -65,6 +65,31 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("when", ["reported", "saving"])
+def test_a_signal_between_two_epochs_says_what_is_saved(tmp_path, monkeypatch, when):
+    """A signal after an epoch's state is written (while its line is printed) or while it is being written."""
+    from ulsam_deploy.training import train as loop
+
+    config = TrainConfig(epochs=2, batch_size=32, workers=0, max_steps=None)
+    small = digits_data()
+    small.train.count = 64
+    hooks = Hooks()
+    if when == "reported":
+        def stop_on_report(log):
+            raise KeyboardInterrupt
+        hooks = Hooks(on_epoch=stop_on_report)
+    else:
+        def stop_in_save(out, state):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(loop, "save_state", stop_in_save)
+    with pytest.raises(Interrupted) as info:
+        train(build_model(SPEC, seed=0), small, config, tmp_path, World(), CPU, hooks=hooks, resume_hint="--resume")
+    if when == "reported":
+        assert "epoch 1 of 2 is saved" in info.value.message and info.value.hint == "--resume"
+    else:
+        assert "before any epoch finished" in info.value.message, info.value.message
+
+
 def test_resume_refuses_other_arguments(tmp_path):
     from ulsam_deploy.errors import UlsamError
 

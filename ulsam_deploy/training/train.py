@@ -135,56 +135,64 @@ def train(model: MobileNet | nn.Module, data: TrainData, config: TrainConfig, ou
         result.resumed_from_epoch = state["epoch"]
         result.unreadable = dict(state.get("unreadable", {}))
     step = result.steps
+    saved = result.resumed_from_epoch                 # the last epoch whose state is on disk
     for epoch in range(result.resumed_from_epoch + 1, config.epochs + 1):
         if config.max_steps is not None and step >= config.max_steps:
             break
-        torch.manual_seed(config.seed * 100_003 + epoch)          # dropout, and the loader's worker seeds
-        sampler.set_epoch(epoch)
-        data.train.set_epoch(epoch)
-        try:
-            log, step, unreadable = _epoch(net, model, teacher, loader, optimiser, scheduler, scaler, config, device,
-                                           world, epoch, step, hooks)
+        try:   # the whole epoch, its evaluation, save and report: a signal anywhere in it says what is saved
+            step = _train_epoch(net, model, teacher, loader, sampler, data, optimiser, scheduler, scaler, config,
+                                device, world, epoch, step, hooks, result, out, keyed)
+            saved = epoch
+            if hooks.on_epoch:
+                hooks.on_epoch(result.history[-1])
         except KeyboardInterrupt:
-            done = result.resumed_from_epoch if not result.history else result.history[-1].epoch
-            raise Interrupted(f"training interrupted in epoch {epoch}; epoch {done} of {config.epochs} is saved in "
-                              f"{out}" if done else f"training interrupted in epoch {epoch}, before any epoch finished",
-                              resume_hint if done else "start it again") from None
+            raise Interrupted(f"training interrupted in epoch {epoch}; epoch {saved} of {config.epochs} is saved in "
+                              f"{out}" if saved else f"training interrupted in epoch {epoch}, before any epoch finished",
+                              resume_hint if saved else "start it again") from None
         except _BadData as exc:
-            done = result.resumed_from_epoch if not result.history else result.history[-1].epoch
             raise RunFailed(f"training stopped in epoch {epoch}: {exc}; "
-                            + (f"epoch {done} of {config.epochs} is saved in {out}" if done else "no epoch had finished"),
+                            + (f"epoch {saved} of {config.epochs} is saved in {out}" if saved else "no epoch had finished"),
                             "fix or remove the unreadable images (each was readable when the run started), then "
-                            + (resume_hint if done else "start it again")) from None
+                            + (resume_hint if saved else "start it again")) from None
         except RuntimeError as exc:
             if "DataLoader worker" not in str(exc):
                 raise
-            done = result.resumed_from_epoch if not result.history else result.history[-1].epoch
             first = (str(exc).strip().splitlines() or [""])[0][:160]
             raise RunFailed(f"training stopped in epoch {epoch}: a data loading worker died ({first}); "
-                            + (f"epoch {done} of {config.epochs} is saved in {out}" if done else "no epoch had finished"),
+                            + (f"epoch {saved} of {config.epochs} is saved in {out}" if saved else "no epoch had finished"),
                             "out of memory? use fewer --workers or a smaller --batch-size, "
-                            + (resume_hint if done else "and start it again")) from None
-        log.skipped = int(all_sum([len(unreadable)], world, device)[0])
-        for name, why in sorted(_gather(unreadable, world).items()):
-            if len(result.unreadable) < MAX_LISTED:
-                result.unreadable.setdefault(name, why)
-        average_batchnorm(model, world)
-        result.final = evaluate(model, data.evaluation, world, device, config.batch_size * 2)
-        log.test_top1 = result.final.top1
-        result.history.append(log)
-        result.seconds += log.seconds
-        result.steps = step
-        if world.main:
-            save_state(out, {"model": model.state_dict(), "optimiser": optimiser.state_dict(),
-                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                             "config": keyed, "history": [asdict(h) for h in result.history],
-                             "seconds": result.seconds, "steps": step, "world_size": world.size,
-                             "unreadable": result.unreadable})
-        if hooks.on_epoch:
-            hooks.on_epoch(log)
+                            + (resume_hint if saved else "and start it again")) from None
     if result.final is None and result.history:   # resumed with nothing left to train: the card still needs it
         result.final = evaluate(model, data.evaluation, world, device, config.batch_size * 2)
     return result
+
+
+def _train_epoch(net, model, teacher, loader, sampler, data, optimiser, scheduler, scaler, config: TrainConfig,
+                 device, world: World, epoch: int, step: int, hooks: Hooks, result: TrainResult, out: Path,
+                 keyed: dict) -> int:
+    """One epoch: train, average BN, evaluate, save the state (main process); the step count after it."""
+    torch.manual_seed(config.seed * 100_003 + epoch)          # dropout, and the loader's worker seeds
+    sampler.set_epoch(epoch)
+    data.train.set_epoch(epoch)
+    log, step, unreadable = _epoch(net, model, teacher, loader, optimiser, scheduler, scaler, config, device,
+                                   world, epoch, step, hooks)
+    log.skipped = int(all_sum([len(unreadable)], world, device)[0])
+    for name, why in sorted(_gather(unreadable, world).items()):
+        if len(result.unreadable) < MAX_LISTED:
+            result.unreadable.setdefault(name, why)
+    average_batchnorm(model, world)
+    result.final = evaluate(model, data.evaluation, world, device, config.batch_size * 2)
+    log.test_top1 = result.final.top1
+    result.history.append(log)
+    result.seconds += log.seconds
+    result.steps = step
+    if world.main:
+        save_state(out, {"model": model.state_dict(), "optimiser": optimiser.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                         "config": keyed, "history": [asdict(h) for h in result.history],
+                         "seconds": result.seconds, "steps": step, "world_size": world.size,
+                         "unreadable": result.unreadable})
+    return step
 
 
 def _state_config(config: TrainConfig, model: MobileNet, data: TrainData) -> dict:
