@@ -1,9 +1,34 @@
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from ulsam_deploy.cli import app
+from ulsam_deploy.store import onnxcache
+
+
+def pytest_configure(config):
+    """One ONNX export cache for the whole run (its worker processes and the CLIs they start inherit it), not
+    the user's: a network exported by one test is copied by the next. ULSAM_DEPLOY_CACHE=off runs without."""
+    if hasattr(config, "workerinput") or os.environ.get(onnxcache.ENV, "").lower() == "off":
+        return
+    config._onnx_cache = tempfile.mkdtemp(prefix="ulsam-test-onnx-cache-")
+    os.environ[onnxcache.ENV] = config._onnx_cache
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_onnx_cache", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def no_onnx_cache(monkeypatch):
+    """For tests that time or interrupt the exporter itself: every export runs it."""
+    monkeypatch.setenv(onnxcache.ENV, "off")
 
 
 @pytest.fixture

@@ -94,7 +94,7 @@ def test_fuzzed_free_text_positions(cli, sandbox, monkeypatch, text):
 
 
 @pytest.mark.slow
-def test_sigkill_during_export_leaves_nothing_incomplete(tmp_path):
+def test_sigkill_during_export_leaves_nothing_incomplete(tmp_path, no_onnx_cache):   # kills the exporter itself
     import onnx
 
     from ulsam_deploy.store.manifest import Manifest

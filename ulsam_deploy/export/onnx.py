@@ -26,10 +26,20 @@ def op_counts(model) -> dict[str, int]:
 
 def export_onnx(model: torch.nn.Module, input_size: int, path: Path) -> dict:
     """Write the simplified, checked ONNX of ``model`` (eval mode) to ``path``; return graph details."""
+    from ..store.onnxcache import cached_export, network_key
+
+    model = model.eval()
+    try:
+        key = network_key(model, input_size, OPSET)
+    except (RuntimeError, TypeError, ValueError):   # a tensor it cannot read as bytes: no cache
+        key = None
+    return cached_export(key, Path(path), lambda target: _export(model, input_size, target))
+
+
+def _export(model: torch.nn.Module, input_size: int, path: Path) -> dict:
     import onnx
     from onnxsim import simplify
 
-    model = model.eval()
     example = (torch.zeros(2, 3, input_size, input_size),)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     with atomic_path(path) as tmp, quiet():
