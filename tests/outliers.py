@@ -80,28 +80,40 @@ EPOCHS = {"mv2": 3, "mv1": 6}   # digits at 64 px: 96-98 % top-1, INT8 top-1 agr
 
 @functools.lru_cache(maxsize=None)
 def trained_file(spec, folder: str) -> Path:
-    """A briefly trained model of ``spec`` on the digits train split (written once into ``folder``)."""
+    """A briefly trained model of ``spec`` on the digits train split (written once into ``folder``; a worker
+    process that finds another one training it waits for that one)."""
+    from filelock import FileLock
+
+    path = Path(folder) / f"{spec.name}-{EPOCHS[spec.arch]}ep-loader-torch{torch.__version__}.safetensors"
+    with FileLock(str(path.with_suffix(".lock"))):
+        if not path.is_file():
+            _train_into(spec, path)
+    return path
+
+
+def _train_into(spec, path: Path) -> None:
     from ulsam_deploy.data import digits
     from ulsam_deploy.training.data import reference_data
     from ulsam_deploy.training.distributed import World
     from ulsam_deploy.training.train import TrainConfig, train
 
-    path = Path(folder) / f"{spec.name}-{EPOCHS[spec.arch]}ep-loader-torch{torch.__version__}.safetensors"
-    if not path.is_file():
-        size = spec.input_size
-        data = reference_data(digits, "digits", size, digits.preprocessing(size), 4, False, seed=0)
-        model = build_model(spec, seed=0)
-        train(model, data, TrainConfig(epochs=EPOCHS[spec.arch], workers=0), Path(folder) / f"{path.stem}-state",
-              World(), torch.device("cpu"))
-        save_checkpoint(model.eval(), path, extra={"dataset": "digits"})
-    return path
+    size = spec.input_size
+    data = reference_data(digits, "digits", size, digits.preprocessing(size), 4, False, seed=0)
+    model = build_model(spec, seed=0)
+    train(model, data, TrainConfig(epochs=EPOCHS[spec.arch], workers=0), path.parent / f"{path.stem}-state",
+          World(), torch.device("cpu"))
+    save_checkpoint(model.eval(), path, extra={"dataset": "digits"})
 
 
 @pytest.fixture(scope="session")
 def trained(request, tmp_path_factory):
     """``trained(spec)`` -> checkpoint path; kept in pytest's cache folder between runs."""
+    import os
+
     cache = getattr(request.config, "cache", None)
-    folder = cache.mkdir("ulsam-trained-models") if cache is not None else tmp_path_factory.mktemp("trained")
+    shared = os.environ.get("ULSAM_TEST_SHARED")          # the run's folder all its worker processes see
+    folder = (cache.mkdir("ulsam-trained-models") if cache is not None
+              else Path(shared) if shared else tmp_path_factory.mktemp("trained"))
     return lambda spec: trained_file(spec, str(folder))
 
 

@@ -130,17 +130,11 @@ def test_every_tflite_file_carries_normalisation_and_the_labels(tflite_export, t
 @pytest.mark.slow
 def test_tflite_metadata_changes_no_number(tflite_export):
     """The converter's own files against the shipped ones: the same outputs bit for bit."""
-    from ulsam_deploy.export import tflite
     from ulsam_deploy.runtime.litert import open_interpreter
 
     from ulsam_deploy.store.manifest import Manifest
 
-    import hashlib
-
-    # this export's own converter output (other TFLite exports in this process left theirs beside it)
-    digest = hashlib.sha256((tflite_export / "reference.safetensors").read_bytes()).hexdigest() + "-spatial"
-    raw = [Path(tflite._SAVED[digest].name) / "out"] if digest in tflite._SAVED else []
-    assert raw, "the session's TFLite export left no converter output to compare with"
+    raw = [tflite_export.parent / "raw"]     # the converter's own files, kept by the fixture
     size = Manifest.load(tflite_export).data["spec"]["input_size"]
     x = np.random.default_rng(0).normal(size=(1, size, size, 3)).astype(np.float32)
     for original, shipped in (("model_float32.tflite", "model_fp32.tflite"), ("model_float16.tflite", "model_fp16.tflite")):

@@ -149,7 +149,8 @@ def test_interrupted_cli_run_says_how_to_resume(tmp_path):
     import time
 
     out = tmp_path / "m"
-    command = [sys.executable, "-m", "ulsam_deploy", "train", *ARGS, "--input-size", "64", "--epochs", "2",
+    # 32 px: an epoch of ~10 s; the signal comes once epoch 1 is saved, anywhere in epoch 2 or between the two
+    command = [sys.executable, "-m", "ulsam_deploy", "train", *ARGS, "--input-size", "32", "--epochs", "2",
                "--out", str(out)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
