@@ -97,7 +97,7 @@ def test_npu_export_runs_every_op_on_the_npu_and_passes_the_gate(cli, tmp_path, 
 
 
 @pytest.mark.slow
-def test_mcu_file_runs_on_tflite_micro_as_on_litert(cli, tmp_path):
+def test_mcu_file_runs_on_tflite_micro_as_on_litert(cli, tmp_path, monkeypatch):
     """The microcontroller file passes the gate on TFLite Micro, which computes what LiteRT's reference kernels
     compute on it (LiteRT's optimised kernels round differently, a few steps apart); TFLite Micro refuses the NPU
     file's INT8 EXP in one line."""
@@ -109,6 +109,7 @@ def test_mcu_file_runs_on_tflite_micro_as_on_litert(cli, tmp_path):
     from ulsam_deploy.errors import InputFileError
     from ulsam_deploy.runtime import open_artifact
 
+    monkeypatch.setenv("ULSAM_EXPORT_WORKERS", "1")      # one process: the NPU file reuses the test above's conversion
     out = tmp_path / "exp"
     code, _, err = cli("export", "--model", DIGITS, "--formats", "tflite-int8-mcu,tflite-int8-npu", "--out", out)
     assert code == 0, err

@@ -49,7 +49,7 @@ def test_the_same_network_is_exported_once_and_copied_after(counted, tmp_path):
     assert meta["details"] == first
 
 
-def test_what_changes_the_graph_changes_the_key():
+def test_what_changes_the_graph_changes_the_key(monkeypatch):
     model = build_model(SPEC, seed=0).eval()
     key = onnxcache.network_key(model, 32, 18)
     assert key == onnxcache.network_key(build_model(SPEC, seed=0).eval(), 32, 18)
@@ -63,6 +63,8 @@ def test_what_changes_the_graph_changes_the_key():
     ulsam = next(m for m in build_model(SPEC, seed=0).eval().modules() if isinstance(m, ULSAM))
     ulsam.forward = lambda x: x                                             # a forward it cannot see
     assert onnxcache.network_key(ulsam, 32, 18) is None
+    monkeypatch.setattr(ULSAM, "forward", lambda self, x: x)               # or on its class (a floor model)
+    assert onnxcache.network_key(model, 32, 18) is None
 
 
 def test_off_or_unwritable_exports_without_it(counted, tmp_path, monkeypatch):

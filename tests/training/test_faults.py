@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 START = Path(__file__).resolve().parents[2] / "models" / "mv1-ulsam-8x1-9x1-11-g4-digits"
-ARGS = ["train", "--model", str(START), "--input-size", "64", "--data", "digits", "--batch-size", "16",
+ARGS = ["train", "--model", str(START), "--input-size", "32", "--data", "digits", "--batch-size", "16",
         "--epochs", "3"]
 
 

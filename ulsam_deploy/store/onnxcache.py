@@ -5,7 +5,7 @@ An entry is keyed by everything the exported graph depends on: every parameter a
 shape, bytes), every module's class and plain attributes (ULSAM's export form among them), the input size,
 the opset, the versions of torch, onnx, onnxscript and onnxsim, and the source of this package's network and
 ONNX export code. A network this cannot describe (a module class from outside torch and this package, a
-``forward`` replaced on an instance, hooks) is never cached. An entry is the simplified, checked ``.onnx``
+``forward`` replaced on an instance or its class, hooks) is never cached. An entry is the simplified, checked ``.onnx``
 and a ``.json`` with its sha256 and the export details; an entry whose file does not match its sha256 is
 ignored and replaced. Exports of one key wait for each other (a file lock), so two processes exporting the
 same network run the exporter once.
@@ -30,6 +30,7 @@ from .fileio import atomic_path, write_json_atomic
 ENV = "ULSAM_DEPLOY_CACHE"
 MAX_ENTRIES = 64
 _PLAIN = (str, int, float, bool, type(None))
+OWN = ("torch.", "ulsam_deploy.")      # where a cached module's class and its forward must come from
 _LOCK_SECONDS = 1800          # a wait longer than any export: then export without the cache
 
 
@@ -71,14 +72,17 @@ def network_key(model, input_size: int, opset: int) -> str | None:
     digest = hashlib.sha256(json.dumps([_code_and_versions(), input_size, opset]).encode())
     for name, module in model.named_modules():
         cls = type(module)
-        if not cls.__module__.startswith(("torch.", "ulsam_deploy.")):
+        forward = getattr(cls, "forward", None)
+        where = getattr(forward, "__module__", None) or ""
+        if not cls.__module__.startswith(OWN) or not where.startswith(OWN):   # e.g. a forward patched on the class
             return None
         fields = vars(module)
         if "forward" in fields or any(fields.get(h) for h in ("_forward_hooks", "_forward_pre_hooks",
                                                               "_backward_hooks", "_state_dict_hooks")):
             return None
         plain = {k: v for k, v in fields.items() if not k.startswith("_") and _plain(v)}
-        digest.update(json.dumps([name, f"{cls.__module__}.{cls.__qualname__}", sorted(plain.items())],
+        digest.update(json.dumps([name, f"{cls.__module__}.{cls.__qualname__}", f"{where}.{forward.__qualname__}",
+                                  sorted(plain.items())],
                                  default=str).encode())
     for name, tensor in model.state_dict(keep_vars=False).items():
         shape = tuple(tensor.shape)
