@@ -13,6 +13,8 @@ exported in a process of its own - the floor's process runs ULSAM as an identity
 its conversion for the same reference weights, which the ULSAM model and its floor share.
 
     .venv/bin/python scripts/attention-floor.py --backend onnxruntime,litert,executorch --calls 2000
+
+``--precision fp32`` (or ``int8``) exports and times one precision only.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def _arguments(argv: list[str] | None) -> tuple[argparse.Namespace, ModelSpec, l
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--precision", default="fp32,int8", help="comma-separated: fp32, int8 (default both)")
     parser.add_argument("--form", default="spread", choices=FORMS,
                         help="ULSAM's ONNX Runtime export form (broadcast: the eager graph of earlier releases)")
     parser.add_argument("--float-attention", action="store_true",
@@ -92,6 +95,9 @@ def _arguments(argv: list[str] | None) -> tuple[argparse.Namespace, ModelSpec, l
     if (args.form != "spread" or args.float_attention) and backends != ["onnxruntime"]:
         _refuse("--form and --float-attention choose ONNX Runtime's graphs; the other backends time what "
                 "`export` writes (use them with --backend onnxruntime alone)")
+    args.precisions = [p for p in ("fp32", "int8") if p in {p.strip() for p in args.precision.split(",")}]
+    if not args.precisions or {p.strip() for p in args.precision.split(",")} - {"fp32", "int8"}:
+        _refuse(f"--precision {args.precision!r}: choose fp32, int8 or fp32,int8")
     if args.calls < 1 or args.threads < 1:
         _refuse("--calls and --threads must be at least 1")
     if args.keep is not None and (args.keep.exists() or args.keep.is_symlink() or not args.keep.parent.is_dir()):
@@ -111,8 +117,8 @@ def _arguments(argv: list[str] | None) -> tuple[argparse.Namespace, ModelSpec, l
     return args, spec, backends
 
 
-def _onnxruntime_files(spec: ModelSpec, args, work: Path) -> dict[str, tuple[Path, Path]]:
-    """(fp32, int8) ONNX files of each model, exported from memory in ``args.form``."""
+def _onnxruntime_files(spec: ModelSpec, args, work: Path) -> dict[str, dict[str, Path]]:
+    """Per model, its ONNX file per precision, exported from memory in ``args.form``."""
     from ulsam_deploy.data import calibration_set
     from ulsam_deploy.export.onnx import export_onnx
     from ulsam_deploy.export.quantize import quantize_int8
@@ -127,8 +133,9 @@ def _onnxruntime_files(spec: ModelSpec, args, work: Path) -> dict[str, tuple[Pat
         fp32, int8 = work / f"{name}.onnx", work / f"{name}.int8.onnx"
         with export_form(model, args.form):
             export_onnx(model, spec.input_size, fp32)
-        quantize_int8(fp32, int8, calib, keep_attention_float=args.float_attention)
-        files[name] = (fp32, int8)
+        if "int8" in args.precisions:
+            quantize_int8(fp32, int8, calib, keep_attention_float=args.float_attention)
+        files[name] = {"fp32": fp32, "int8": int8}
     return files
 
 
@@ -150,9 +157,9 @@ def _export_one(model: str, spec_fields: dict, formats: tuple[str, ...], out: st
     return None
 
 
-def _pipeline_files(backend: str, args, work: Path) -> dict[str, tuple[Path, Path]]:
-    """(fp32, int8) artifacts of each model, exported by the pipeline, one spawned process per model."""
-    formats = BACKENDS[backend]
+def _pipeline_files(backend: str, args, work: Path) -> dict[str, dict[str, Path]]:
+    """Per model, its artifact per precision, exported by the pipeline, one spawned process per model."""
+    formats = tuple(f for f, p in zip(BACKENDS[backend], ("fp32", "int8")) if p in args.precisions)
     fields = {"arch": args.arch, "positions": args.positions, "groups": args.groups, "input_size": args.input_size}
     files = {}
     for name in MODELS:
@@ -161,18 +168,17 @@ def _pipeline_files(backend: str, args, work: Path) -> dict[str, tuple[Path, Pat
             failed = pool.submit(_export_one, name, fields, formats, str(out)).result()
         if failed:
             _refuse(f"exporting the {name} model for {backend}: {failed}")
-        files[name] = tuple(out / FORMATS[f].filename for f in formats)
+        files[name] = {FORMATS[f].precision: out / FORMATS[f].filename for f in formats}
     return files
 
 
-def _time(backend: str, files: dict[str, tuple[Path, Path]], args, x: np.ndarray) -> dict[str, np.ndarray]:
+def _time(backend: str, files: dict[str, dict[str, Path]], args, x: np.ndarray) -> dict[str, np.ndarray]:
     """Per precision, the per-round median latency (ms) of each model: an array of rounds x models."""
     from ulsam_deploy.runtime import open_artifact
 
     medians = {}
-    for k, fmt in enumerate(BACKENDS[backend]):
-        precision = FORMATS[fmt].precision
-        runners = [open_artifact(files[name][k], backend, precision, args.threads) for name in MODELS]
+    for precision in args.precisions:
+        runners = [open_artifact(files[name][precision], backend, precision, args.threads) for name in MODELS]
         try:
             for runner in runners:
                 time_calls(lambda: runner(x), PER_ROUND)   # warm-up
@@ -186,11 +192,14 @@ def _time(backend: str, files: dict[str, tuple[Path, Path]], args, x: np.ndarray
 
 
 def _report(backend: str, medians: dict[str, np.ndarray]) -> None:
+    """A row per precision; the INT8 speed-up when both were timed."""
     ratio = lambda p50, a, b: float(np.median(p50[:, a] / p50[:, b]))   # noqa: E731  per round, then median
     for precision, p50 in medians.items():
         base, ours, floor = np.median(p50, axis=0)
         print(f"{backend:12s} {precision:9s} {base:8.3f} {ours:9.3f} {floor:9.3f} {ratio(p50, 1, 0):11.3f} "
               f"{ratio(p50, 2, 0):11.3f} {ratio(p50, 1, 2):12.3f}")
+    if set(medians) != {"fp32", "int8"}:
+        return
     fp32, int8 = (np.median(medians[p], axis=0) for p in ("fp32", "int8"))
     speedup = ", ".join(f"{name} {a / b:.2f}x" for name, a, b in zip(MODELS, fp32, int8))
     print(f"{'':12s} INT8 speed-up over fp32 (p50): {speedup}")

@@ -44,6 +44,7 @@ def test_floor_removes_only_the_ulsams():
     (["--positions", "99"], "mv2 has no layer 99"),
     (["--positions", "none"], "places no ULSAM"),
     (["--calls", "0"], "--calls and --threads must be at least 1"),
+    (["--precision", "fp16"], "--precision 'fp16': choose fp32, int8 or fp32,int8"),
     (["--groups", "x"], "invalid int value"),
     (["--keep", "."], "name a new folder"),
     (["--keep", "/proc/floor-kept"], "kernel pseudo-file system"),
@@ -69,9 +70,10 @@ def test_pipeline_floor_artifacts_compute_the_floor(tmp_path):
 
     kept = tmp_path / "kept"
     done = subprocess.run([sys.executable, str(SCRIPT), "--backend", "executorch", "--input-size", "32", "--calls",
-                           "20", "--keep", str(kept)], capture_output=True, text=True, timeout=900)
+                           "20", "--precision", "fp32", "--keep", str(kept)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "executorch   int8" in done.stdout
+    assert "executorch   fp32" in done.stdout and "executorch   int8" not in done.stdout
+    assert not list(kept.glob("*/model_int8.pte"))                        # only what --precision asked for
     spec = ModelSpec.parse("mv2", "13,14,16,17", 4, input_size=32)
     ulsam = build_model(spec, seed=0).eval()
     eager = {"ULSAM": ulsam, "floor": _script().floor_of(ulsam).eval(), "base": build_model(spec.vanilla(), seed=0)}

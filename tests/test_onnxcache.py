@@ -3,8 +3,6 @@ a damaged entry is exported again, and the cache never decides what the file hol
 
 import json
 
-import pytest
-
 from ulsam_deploy.export import onnx as onnx_export
 from ulsam_deploy.model.spec import ModelSpec
 from ulsam_deploy.nets import ULSAM, build_model
@@ -14,39 +12,61 @@ from ulsam_deploy.store import onnxcache
 SPEC = ModelSpec.parse("mv2", "13", groups=4, width=0.35, num_classes=10, input_size=32)
 
 
-@pytest.fixture
-def counted(monkeypatch, tmp_path):
-    """A fresh cache folder, and the number of times torch's exporter really ran."""
+def test_the_same_network_is_exported_once_and_copied_after(monkeypatch, tmp_path):
     calls = []
     real = onnx_export._export
 
-    def export(model, size, path):
+    def export(model, size, path):          # torch's exporter, counted
         calls.append(size)
         return real(model, size, path)
 
     monkeypatch.setattr(onnx_export, "_export", export)
     monkeypatch.setenv(onnxcache.ENV, str(tmp_path / "cache"))
-    return calls
-
-
-def test_the_same_network_is_exported_once_and_copied_after(counted, tmp_path):
     first = onnx_export.export_onnx(build_model(SPEC, seed=0), 32, tmp_path / "a.onnx")
     again = onnx_export.export_onnx(build_model(SPEC, seed=0), 32, tmp_path / "b.onnx")   # another instance
-    assert counted == [32]
+    assert calls == [32]
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes() and first == again
-    other = build_model(SPEC, seed=1)                                                      # other weights
-    onnx_export.export_onnx(other, 32, tmp_path / "c.onnx")
-    assert counted == [32, 32] and (tmp_path / "c.onnx").read_bytes() != (tmp_path / "a.onnx").read_bytes()
+    onnx_export.export_onnx(build_model(SPEC, seed=1), 32, tmp_path / "c.onnx")           # other weights
+    assert calls == [32, 32] and (tmp_path / "c.onnx").read_bytes() != (tmp_path / "a.onnx").read_bytes()
+    entries = sorted((tmp_path / "cache").glob("*.onnx"))
+    assert len(entries) == 2 and {json.loads(e.with_suffix(".json").read_text())["details"]["opset"]
+                                  for e in entries} == {onnx_export.OPSET}
 
-    entry = next((tmp_path / "cache").glob("*.onnx"))                 # damaged: exported again, then replaced
-    entry.write_bytes(entry.read_bytes()[:-10])
-    for seed in (0, 1):
-        onnx_export.export_onnx(build_model(SPEC, seed=seed), 32, tmp_path / f"d{seed}.onnx")
-    assert counted == [32, 32, 32]
-    assert {(tmp_path / "d0.onnx").read_bytes(), (tmp_path / "d1.onnx").read_bytes()} == \
-        {(tmp_path / "a.onnx").read_bytes(), (tmp_path / "c.onnx").read_bytes()}
-    meta = json.loads(entry.with_suffix(".json").read_text())
-    assert meta["details"] == first
+
+def _writer(calls, payload=b"exported"):
+    def export(target):
+        calls.append(target)
+        target.write_bytes(payload)
+        return {"nodes": 1}
+    return export
+
+
+def test_a_damaged_entry_is_exported_again_and_replaced(monkeypatch, tmp_path):
+    monkeypatch.setenv(onnxcache.ENV, str(tmp_path / "cache"))
+    calls = []
+    assert onnxcache.cached_export("k", tmp_path / "a.onnx", _writer(calls)) == {"nodes": 1}
+    assert onnxcache.cached_export("k", tmp_path / "b.onnx", _writer(calls, b"other")) == {"nodes": 1}
+    assert len(calls) == 1 and (tmp_path / "b.onnx").read_bytes() == b"exported"       # the entry, not a re-export
+    (tmp_path / "cache" / "k.onnx").write_bytes(b"exporteX")                            # damaged: same size
+    onnxcache.cached_export("k", tmp_path / "c.onnx", _writer(calls, b"fresh"))
+    assert len(calls) == 2 and (tmp_path / "c.onnx").read_bytes() == b"fresh"
+    onnxcache.cached_export("k", tmp_path / "d.onnx", _writer(calls))
+    assert len(calls) == 2 and (tmp_path / "d.onnx").read_bytes() == b"fresh"          # replaced by the new one
+
+
+def test_off_unwritable_or_uncacheable_exports_without_it(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setenv(onnxcache.ENV, "off")
+    assert onnxcache.folder() is None
+    onnxcache.cached_export("k", tmp_path / "a.onnx", _writer(calls))
+    onnxcache.cached_export("k", tmp_path / "a.onnx", _writer(calls))
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv(onnxcache.ENV, str(blocked / "cache"))
+    onnxcache.cached_export("k", tmp_path / "b.onnx", _writer(calls))
+    monkeypatch.setenv(onnxcache.ENV, str(tmp_path / "cache"))
+    onnxcache.cached_export(None, tmp_path / "c.onnx", _writer(calls))                 # a network it cannot key
+    assert len(calls) == 4 and not (tmp_path / "cache").exists()
 
 
 def test_what_changes_the_graph_changes_the_key(monkeypatch):
@@ -65,16 +85,3 @@ def test_what_changes_the_graph_changes_the_key(monkeypatch):
     assert onnxcache.network_key(ulsam, 32, 18) is None
     monkeypatch.setattr(ULSAM, "forward", lambda self, x: x)               # or on its class (a floor model)
     assert onnxcache.network_key(model, 32, 18) is None
-
-
-def test_off_or_unwritable_exports_without_it(counted, tmp_path, monkeypatch):
-    monkeypatch.setenv(onnxcache.ENV, "off")
-    assert onnxcache.folder() is None
-    model = build_model(SPEC, seed=0)
-    onnx_export.export_onnx(model, 32, tmp_path / "a.onnx")
-    blocked = tmp_path / "file"
-    blocked.write_text("not a folder")
-    monkeypatch.setenv(onnxcache.ENV, str(blocked / "cache"))
-    onnx_export.export_onnx(model, 32, tmp_path / "b.onnx")
-    assert counted == [32, 32] and not (tmp_path / "cache").exists()
-    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
