@@ -120,8 +120,9 @@ def test_keep_float_auto_without_a_passing_artifact_exits_1(trained, cli, tmp_pa
 
 
 @pytest.mark.slow
-def test_tflite_keep_float_and_probe(trained, cli, tmp_path):
+def test_tflite_keep_float_and_probe(trained, cli, tmp_path, monkeypatch):
     pytest.importorskip("onnx2tf")
+    monkeypatch.setenv("ULSAM_EXPORT_WORKERS", "1")   # in this process: the second export reuses the conversion
     from ulsam_deploy.runtime.litert import open_interpreter
 
     ckpt = planted_file(trained(MV2), tmp_path, 4)
