@@ -95,8 +95,9 @@ def _arguments(argv: list[str] | None) -> tuple[argparse.Namespace, ModelSpec, l
     if (args.form != "spread" or args.float_attention) and backends != ["onnxruntime"]:
         _refuse("--form and --float-attention choose ONNX Runtime's graphs; the other backends time what "
                 "`export` writes (use them with --backend onnxruntime alone)")
-    args.precisions = [p for p in ("fp32", "int8") if p in {p.strip() for p in args.precision.split(",")}]
-    if not args.precisions or {p.strip() for p in args.precision.split(",")} - {"fp32", "int8"}:
+    asked = {p.strip() for p in args.precision.split(",")}
+    args.precisions = [p for p in ("fp32", "int8") if p in asked]
+    if not args.precisions or asked - {"fp32", "int8"}:
         _refuse(f"--precision {args.precision!r}: choose fp32, int8 or fp32,int8")
     if args.calls < 1 or args.threads < 1:
         _refuse("--calls and --threads must be at least 1")

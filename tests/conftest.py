@@ -69,9 +69,8 @@ def tflite_export():
     """Every TFLite format of the shipped digits model (one conversion for the run's TFLite tests, whichever
     worker process asks first), and beside it in ``raw/`` the converter's own fp32 and fp16 files."""
     pytest.importorskip("onnx2tf", reason="TFLite extra not installed: pip install 'ulsam-deploy[tflite]'")
-    import hashlib
-
     from ulsam_deploy.export import tflite
+    from ulsam_deploy.nets.build import sha256_file
 
     model = Path(__file__).resolve().parents[1] / "models" / "mv2-ulsam-13-14-16-17-g4-digits"
 
@@ -82,7 +81,7 @@ def tflite_export():
                                           "tflite-fp32,tflite-fp16,tflite-int8,tflite-int8-plain", "--out", str(out),
                                           "--json"], env={"ULSAM_EXPORT_WORKERS": "1"})
         assert result.exit_code == 0, result.stderr
-        digest = hashlib.sha256((out / "reference.safetensors").read_bytes()).hexdigest() + "-spatial"
+        digest = sha256_file(out / "reference.safetensors") + "-spatial"     # tflite's key: reference and form
         converted = Path(tflite._SAVED[digest].name) / "out"
         (folder / "raw").mkdir()
         for name in ("model_float32.tflite", "model_float16.tflite"):

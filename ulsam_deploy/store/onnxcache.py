@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from ..nets.build import sha256_file
 from .fileio import atomic_path, write_json_atomic
 
 ENV = "ULSAM_DEPLOY_CACHE"
@@ -92,14 +93,6 @@ def network_key(model, input_size: int, opset: int) -> str | None:
     return digest.hexdigest()[:40]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cached_export(key: str | None, target: Path, export: Callable[[Path], dict]) -> dict:
     """Write the ONNX of ``key`` to ``target``: a copy of the cached entry, else ``export(target)`` (which writes
     ``target`` and returns its details), stored for the next time. Returns the details."""
@@ -130,7 +123,7 @@ def _read(where: Path, key: str, target: Path) -> dict | None:
     try:
         meta = json.loads(meta_path.read_text())
         details = meta["details"]
-        if not isinstance(details, dict) or _sha256(onnx_path) != meta["sha256"]:
+        if not isinstance(details, dict) or sha256_file(onnx_path) != meta["sha256"]:
             return None
         with atomic_path(target) as tmp:
             shutil.copyfile(onnx_path, tmp)
@@ -144,7 +137,7 @@ def _store(where: Path, key: str, target: Path, details: dict) -> None:
     try:
         with atomic_path(where / f"{key}.onnx") as tmp:
             shutil.copyfile(target, tmp)
-        write_json_atomic(where / f"{key}.json", {"sha256": _sha256(target), "details": details})
+        write_json_atomic(where / f"{key}.json", {"sha256": sha256_file(target), "details": details})
         entries = sorted(where.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in entries[MAX_ENTRIES:]:
             for suffix in (".json", ".onnx", ".lock"):

@@ -150,8 +150,7 @@ def train(model: MobileNet | nn.Module, data: TrainData, config: TrainConfig, ou
                               f"{out}" if saved else f"training interrupted in epoch {epoch}, before any epoch finished",
                               resume_hint if saved else "start it again") from None
         except _BadData as exc:
-            raise RunFailed(f"training stopped in epoch {epoch}: {exc}; "
-                            + (f"epoch {saved} of {config.epochs} is saved in {out}" if saved else "no epoch had finished"),
+            raise RunFailed(f"training stopped in epoch {epoch}: {exc}; " + _kept(saved, config.epochs, out),
                             "fix or remove the unreadable images (each was readable when the run started), then "
                             + (resume_hint if saved else "start it again")) from None
         except RuntimeError as exc:
@@ -159,12 +158,16 @@ def train(model: MobileNet | nn.Module, data: TrainData, config: TrainConfig, ou
                 raise
             first = (str(exc).strip().splitlines() or [""])[0][:160]
             raise RunFailed(f"training stopped in epoch {epoch}: a data loading worker died ({first}); "
-                            + (f"epoch {saved} of {config.epochs} is saved in {out}" if saved else "no epoch had finished"),
+                            + _kept(saved, config.epochs, out),
                             "out of memory? use fewer --workers or a smaller --batch-size, "
                             + (resume_hint if saved else "and start it again")) from None
     if result.final is None and result.history:   # resumed with nothing left to train: the card still needs it
         result.final = evaluate(model, data.evaluation, world, device, config.batch_size * 2)
     return result
+
+
+def _kept(saved: int, epochs: int, out: Path) -> str:
+    return f"epoch {saved} of {epochs} is saved in {out}" if saved else "no epoch had finished"
 
 
 def _train_epoch(net, model, teacher, loader, sampler, data, optimiser, scheduler, scaler, config: TrainConfig,
