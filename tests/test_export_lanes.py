@@ -13,7 +13,7 @@ from small_models import model_file
 
 def test_lanes_keep_each_format_after_what_it_is_built_from():
     groups = lanes(list(parse_formats("onnx-int8,tflite-int8,executorch-int8,executorch-fp32,trt-int8")))
-    assert groups == [["executorch-int8"], ["executorch-fp32"], ["tflite-int8"], ["onnx", "onnx-int8", "onnx-int8-trt", "trt-int8"]]
+    assert groups == [["tflite-int8"], ["executorch-int8"], ["executorch-fp32"], ["onnx", "onnx-int8", "onnx-int8-trt", "trt-int8"]]
     assert lanes(["onnx", "onnx-int8"]) == [["onnx", "onnx-int8"]]
 
 

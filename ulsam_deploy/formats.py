@@ -54,7 +54,7 @@ DEFAULT_FORMATS = ("onnx", "onnx-int8")
 KEEP_FLOAT_FORMATS = ("onnx-int8", "onnx-int8-vnni", "onnx-int8-trt", "tflite-int8", "trt-int8", "executorch-int8")
 EXECUTORCH_FORMATS = ("executorch-fp32", "executorch-int8")
 NPU_FORMATS = ("tflite-int8-npu",)
-TFLITE_BACKENDS = ("litert", "tflm")    # backends whose artifacts are TFLite files     # compiled by Vela for `export --npu` (export/vela.py)
+TFLITE_BACKENDS = ("litert", "tflm")    # backends whose artifacts are TFLite files
 
 
 # The x86 features that decide whether ONNX Runtime's u8 x s8 kernels are exact (VNNI accumulates in 32 bits,

@@ -10,7 +10,7 @@ from torch import nn
 from ulsam_deploy.data import digits
 from ulsam_deploy.model.spec import ModelSpec
 from ulsam_deploy.runtime import reference_runner, torch_runner
-from ulsam_deploy.runtime.torch import fold_batchnorm
+from ulsam_deploy.nets.build import fold_batchnorm
 from ulsam_deploy.store.refcache import cache_key
 from tests.small_models import SPEC, realistic_model
 

@@ -7,6 +7,7 @@ deprecated TorchScript exporter; ``external_data=False`` keeps the weights insid
 from __future__ import annotations
 
 import collections
+import copy
 from pathlib import Path
 
 import torch
@@ -40,6 +41,11 @@ def _export(model: torch.nn.Module, input_size: int, path: Path) -> dict:
     import onnx
     from onnxsim import simplify
 
+    from ..nets.build import fold_batchnorm
+
+    # onnxsim folds every BatchNorm into its convolution anyway; folded first, the exporter traces a third
+    # fewer nodes (about 2 s a model at 112 px). The caller's model is copied, never changed.
+    model = fold_batchnorm(copy.deepcopy(model))
     example = (torch.zeros(2, 3, input_size, input_size),)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     with atomic_path(path) as tmp, quiet():

@@ -14,7 +14,7 @@ def torch_runner(model, threads: int = 0) -> Runner:
 
 def reference_runner(model, threads: int = 0) -> Runner:
     """The eager fp32 reference of parity and evaluation: the model with each BatchNorm folded into its
-    convolution (the same function, half the kernels; see :func:`~ulsam_deploy.runtime.torch.fold_batchnorm`),
+    convolution (the same function, half the kernels; see :func:`~ulsam_deploy.nets.build.fold_batchnorm`),
     each batch cut into ``threads`` slices run side by side on one core each (0: one per usable core)."""
     from .torch import TorchRunner
 

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..nets import load_model
+from ..nets.build import fold_batchnorm
 from .base import usable_cores
 
 
@@ -64,22 +63,3 @@ class TorchRunner:
         if self._restore is not None:
             torch.set_num_threads(self._restore)
             self._restore = None
-
-
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold, in place, each eval-mode BatchNorm2d into the Conv2d that feeds it: the conv_bn_act blocks
-    (a Sequential whose conv is followed by its BatchNorm) and ULSAM's ``dw``/``dw_bn`` and ``pw``/``pw_bn``
-    pairs. The function is the same; its rounding differs from the unfolded model's by a few units in the
-    last place (the exported graphs fold them too). Returns ``model``."""
-    from ..nets.ulsam import ULSAM
-
-    for module in model.modules():
-        if isinstance(module, nn.Sequential):
-            for i in range(len(module) - 1):
-                conv, bn = module[i], module[i + 1]
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                    module[i], module[i + 1] = fuse_conv_bn_eval(conv, bn), nn.Identity()
-        elif isinstance(module, ULSAM):
-            module.dw, module.dw_bn = fuse_conv_bn_eval(module.dw, module.dw_bn), nn.Identity()
-            module.pw, module.pw_bn = fuse_conv_bn_eval(module.pw, module.pw_bn), nn.Identity()
-    return model
