@@ -84,11 +84,26 @@ def trained_file(spec, folder: str) -> Path:
     process that finds another one training it waits for that one)."""
     from filelock import FileLock
 
-    path = Path(folder) / f"{spec.name}-{EPOCHS[spec.arch]}ep-loader-torch{torch.__version__}.safetensors"
+    path = Path(folder) / f"{spec.name}-{EPOCHS[spec.arch]}ep-{_code_digest()}-torch{torch.__version__}.safetensors"
     with FileLock(str(path.with_suffix(".lock"))):
         if not path.is_file():
             _train_into(spec, path)
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def _code_digest() -> str:
+    """The source that decides a trained model's weights (networks, data, training): a model kept in pytest's
+    cache by an earlier version of it is trained again, not reused."""
+    import hashlib
+
+    import ulsam_deploy
+
+    root = Path(ulsam_deploy.__file__).parent
+    digest = hashlib.sha256()
+    for source in sorted(p for folder in ("nets", "data", "training") for p in (root / folder).rglob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _train_into(spec, path: Path) -> None:
