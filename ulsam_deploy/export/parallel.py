@@ -14,10 +14,8 @@ traceback.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import queue as queues
 import signal
-import sys
 import time
 import traceback
 from typing import Callable
@@ -128,15 +126,7 @@ def _worker(worker: int, tasks, request, directory: str, calib, threads: int, me
                 t0 = time.perf_counter()
                 details = build_artifact(name, request, manifest, calib, facts)
                 messages.put(("built", worker, lane, name, details, time.perf_counter() - t0))
-        from .tflite import release_scratch
-
-        release_scratch()
         messages.put(("exit", worker, lane, name))
-        messages.close()
-        messages.join_thread()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)       # all is written and reported: skip the interpreter's teardown (about a second)
     except KeyboardInterrupt:
         pass
     except UlsamError as exc:

@@ -83,13 +83,6 @@ def _onnx2tf(reference: Path, form: str = "spatial") -> Path:
     return work / "out"
 
 
-def release_scratch() -> None:
-    """Remove the converter output folders kept for this run (a process that ends without the interpreter's
-    own clean-up calls this first)."""
-    while _SAVED:
-        _SAVED.popitem()[1].cleanup()
-
-
 def _worker(*args: str, cwd: Path) -> None:
     """Run the converter worker; TensorFlow stays out of this process and its logs out of the CLI."""
     proc = subprocess.run([sys.executable, "-m", "ulsam_deploy.export.onnx2tf_worker", *args], cwd=cwd,
