@@ -28,14 +28,14 @@ POLL_S = 0.5
 
 def run_lanes(groups: list[list[str]], workers: int, job: tuple, record: Callable[[str, dict, float], None],
               on_step: Callable[[str], None]) -> None:
-    """Build each group of formats (a lane, in the order given) in ``workers`` processes; ``job`` is
+    """Build each group of formats (a lane, in the order given) in ``workers`` processes (at most one per
+    lane: :func:`~ulsam_deploy.export.pipeline.lane_workers`); ``job`` is
     (ExportRequest, directory, calibration set); ``record(name, details, seconds)`` is called as each
     artifact is done, ``on_step`` with the formats in progress."""
     context = multiprocessing.get_context("spawn")
     messages, tasks = context.Queue(), context.Queue()
     for task in enumerate(groups):
         tasks.put(task)
-    workers = max(1, min(workers, len(groups)))
     for _ in range(workers):
         tasks.put(None)                                   # no lane left: the worker ends
     threads = max(1, usable_cores() // workers)

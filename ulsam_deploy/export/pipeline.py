@@ -228,8 +228,8 @@ def _export_locked(request: ExportRequest, out: Path, calib: DataSet | None, res
 
 # Formats that share no work run in separate lanes: the ONNX family (and TensorRT, built from its ONNX
 # files), LiteRT (its own channels-last ONNX and converter) and each ExecuTorch program. Longest first, so
-# that the workers finish together: the headline's CPU formats took 55 s (LiteRT), 51 s (ExecuTorch INT8),
-# 31 s (ExecuTorch fp32) and 19 s (ONNX) on 2 cores; a worker taking both ExecuTorch lanes imports it once.
+# that the workers finish together: the headline's CPU formats took 46 s (LiteRT), 44 s (ExecuTorch INT8),
+# 17 s (ExecuTorch fp32) and 12 s (ONNX) in a quiet round on 2 cores (docs/formats.md).
 LANES = ("litert", "executorch-int8", "executorch-fp32", "tflm", "onnx")
 
 
